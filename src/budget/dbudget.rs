@@ -1,0 +1,110 @@
+//! DBudgetKV / ReFreeKV (arXiv 2502.16886): prune from the least important cell upwards and stop
+//! when the attention the newest query pays to what is left has lost more than `T` of its norm.
+//!
+//! Per layer `l` and query head `h`, let `a_lh` be the newest query's attention over the
+//! candidate cells (protected cells zeroed). The retained norm after removing a set `R` is
+//! `kept_l(R) = mean_h ||a_lh without R||_2`, and `drop_l = 1 - kept_l(R) / kept_l(∅)`.
+//!
+//! Token-granularity projection (DESIGN.md §2): one global ranking (the mean over units of the
+//! normalized window scores) is walked from the bottom, and the walk stops *before* the first cell
+//! whose removal would push any layer's drop above `T`. So every layer keeps its own guarantee.
+
+use super::{BudgetRule, DecideCtx, Decision};
+use crate::score::UnitCtx;
+
+/// The DBudgetKV stopping rule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DBudget {
+    /// maximum relative drop of the retained attention norm, per layer
+    pub threshold: f32,
+}
+
+impl BudgetRule for DBudget {
+    /// `[group][n]`: squared newest-query attention per query head of the unit, protected cells 0.
+    fn unit_evidence(&self, u: &UnitCtx) -> Option<Vec<f32>> {
+        let newest = u.queries.last()?;
+        let n = u.n();
+        let mut out = Vec::with_capacity(u.shape.group() * n);
+        let mut row = vec![0.0f32; n];
+        for h in u.heads() {
+            if !u.attend(u.q(newest, h), newest.pos, &mut row) {
+                row.iter_mut().for_each(|v| *v = 0.0);
+            }
+            out.extend(row.iter().zip(u.protected).map(|(a, &p)| if p { 0.0 } else { a * a }));
+        }
+        Some(out)
+    }
+
+    fn decide(&self, c: &DecideCtx) -> Decision {
+        let n = c.pos.len();
+        let ranking = c.grid.token_mean();
+        let order = eviction_order(&ranking, c.pos, c.protected);
+        // no queries seen yet: nothing to measure against, keep everything
+        if c.evidence.iter().any(|e| e.is_empty()) {
+            return Decision { budget: n, ranking: Some(ranking) };
+        }
+        let drops = walk_drops(c.shape.n_layer, c.shape.n_head_kv, c.shape.group(), n, c.evidence, &order);
+        // drops[i] = worst layer drop after evicting order[..i]; pick the largest i within T
+        let t = self.threshold as f64;
+        let cut = drops.iter().take_while(|&&d| d <= t).count().saturating_sub(1);
+        Decision { budget: n - cut, ranking: Some(ranking) }
+    }
+
+    fn adaptive(&self) -> bool {
+        true
+    }
+}
+
+/// Non-protected cells from least to most important (ties: older first).
+pub(crate) fn eviction_order(ranking: &[f32], pos: &[i32], protected: &[bool]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..ranking.len()).filter(|&i| !protected[i]).collect();
+    order.sort_by(|&a, &b| ranking[a].total_cmp(&ranking[b]).then(pos[a].cmp(&pos[b])));
+    order
+}
+
+/// `out[i]` = the largest per-layer relative norm drop after evicting `order[..i]`
+/// (`out[0] = 0`), for `i` in `0..=order.len()`. Evidence is per unit `[group][n]` of squared
+/// attention. Layers whose candidates hold no attention never constrain the walk.
+pub fn walk_drops(
+    n_layer: usize,
+    n_head_kv: usize,
+    group: usize,
+    n: usize,
+    evidence: &[Vec<f32>],
+    order: &[usize],
+) -> Vec<f64> {
+    let heads = n_head_kv * group;
+    // s[l][h] = remaining sum of squares; layer-major, head = g*group + j
+    let mut s = vec![0.0f64; n_layer * heads];
+    for l in 0..n_layer {
+        for g in 0..n_head_kv {
+            let e = &evidence[l * n_head_kv + g];
+            for j in 0..group {
+                s[l * heads + g * group + j] = e[j * n..(j + 1) * n].iter().map(|&v| v as f64).sum();
+            }
+        }
+    }
+    let kept = |s: &[f64], l: usize| s[l * heads..(l + 1) * heads].iter().map(|v| v.max(0.0).sqrt()).sum::<f64>() / heads as f64;
+    let base: Vec<f64> = (0..n_layer).map(|l| kept(&s, l)).collect();
+    let mut out = Vec::with_capacity(order.len() + 1);
+    out.push(0.0);
+    let mut worst = 0.0f64;
+    for &t in order {
+        for l in 0..n_layer {
+            for g in 0..n_head_kv {
+                let e = &evidence[l * n_head_kv + g];
+                for j in 0..group {
+                    s[l * heads + g * group + j] -= e[j * n + t] as f64;
+                }
+            }
+        }
+        // the drop only grows along the walk, so the running max is exact
+        for (l, &b) in base.iter().enumerate() {
+            if b > 0.0 {
+                worst = worst.max((b - kept(&s, l)) / b);
+            }
+        }
+        out.push(worst);
+    }
+    out
+}

@@ -1,0 +1,107 @@
+//! Errors of the library and their fixed C status codes.
+
+use thiserror::Error;
+
+/// Everything that can go wrong in a call. Each variant maps to one `kvc_status` code
+/// (see [`Error::status`]); the message names the offending argument or value.
+#[derive(Debug, Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A required pointer argument was NULL.
+    #[error("argument `{0}` is NULL")]
+    NullArgument(&'static str),
+    /// Sizes that must agree do not (a zero head count, a group that does not divide, ...).
+    #[error("invalid shape: {0}")]
+    InvalidShape(String),
+    /// The dtype code is not one the library reads.
+    #[error("unsupported dtype code {0} (expected F32=0, F16=1 or BF16=2)")]
+    UnsupportedDtype(u32),
+    /// NaN or infinity in a query or key.
+    #[error("non-finite value in {what} (layer {layer}, row {row})")]
+    NonFinite {
+        /// "queries" or "keys"
+        what: &'static str,
+        /// layer index
+        layer: usize,
+        /// row index within the layer input
+        row: usize,
+    },
+    /// The policy name is not one of [`crate::policy::POLICY_NAMES`].
+    #[error("unknown policy '{0}' (known: {known})", known = crate::policy::POLICY_NAMES.join(", "))]
+    UnknownPolicy(String),
+    /// A `name=value` override names a parameter the policy does not have.
+    #[error("unknown parameter '{name}' for policy '{policy}' (accepted: {accepted})")]
+    UnknownParam {
+        /// the policy
+        policy: String,
+        /// the parameter given
+        name: String,
+        /// the parameters the policy accepts
+        accepted: String,
+    },
+    /// A parameter value that does not parse or is out of range.
+    #[error("invalid value '{value}' for parameter '{name}': {why}")]
+    InvalidParamValue {
+        /// the parameter
+        name: String,
+        /// the value given
+        value: String,
+        /// what is expected
+        why: String,
+    },
+    /// An output buffer cannot hold the result.
+    #[error("output buffer too small: need {need}, got {got}")]
+    BufferTooSmall {
+        /// elements needed
+        need: usize,
+        /// elements provided
+        got: usize,
+    },
+    /// A CUDA call was requested but the CUDA backend is not compiled in, the PTX is missing or
+    /// no driver/device could be opened.
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(String),
+    /// The caller was built against another ABI version.
+    #[error("ABI version mismatch: caller has {caller}, library has {library}")]
+    AbiMismatch {
+        /// the caller's KVC_ABI_VERSION
+        caller: u32,
+        /// this library's
+        library: u32,
+    },
+    /// A C string argument is not valid UTF-8.
+    #[error("argument `{0}` is not valid UTF-8")]
+    InvalidUtf8(&'static str),
+    /// A panic inside the library was caught at the C boundary.
+    #[error("internal panic: {0}")]
+    Panic(String),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The fixed C status code of this error.
+    pub fn status(&self) -> u32 {
+        use crate::ffi::status::*;
+        match self {
+            Error::NullArgument(_) => KVC_STATUS_NULL_ARGUMENT,
+            Error::InvalidShape(_) => KVC_STATUS_INVALID_SHAPE,
+            Error::UnsupportedDtype(_) => KVC_STATUS_UNSUPPORTED_DTYPE,
+            Error::NonFinite { .. } => KVC_STATUS_NON_FINITE_INPUT,
+            Error::UnknownPolicy(_) => KVC_STATUS_UNKNOWN_POLICY,
+            Error::UnknownParam { .. } => KVC_STATUS_UNKNOWN_PARAM,
+            Error::InvalidParamValue { .. } => KVC_STATUS_INVALID_PARAM_VALUE,
+            Error::BufferTooSmall { .. } => KVC_STATUS_BUFFER_TOO_SMALL,
+            Error::CudaUnavailable(_) => KVC_STATUS_CUDA_UNAVAILABLE,
+            Error::AbiMismatch { .. } => KVC_STATUS_ABI_MISMATCH,
+            Error::InvalidUtf8(_) => KVC_STATUS_INVALID_UTF8,
+            Error::Panic(_) => KVC_STATUS_PANIC,
+        }
+    }
+}
+
+/// Shorthand for an [`Error::InvalidShape`].
+pub(crate) fn shape_err(msg: impl Into<String>) -> Error {
+    Error::InvalidShape(msg.into())
+}

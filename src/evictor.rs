@@ -1,0 +1,338 @@
+//! The evictor: one model shape, one policy, the state of every sequence, and the pipeline run
+//! that turns what the engine observed into an eviction plan.
+
+use crate::backend::{Backend, Parallelism};
+use crate::budget::DecideCtx;
+use crate::error::{shape_err, Error, Result};
+use crate::policy::{Granularity, Policy};
+use crate::score::{QuerySel, ScoreGrid, UnitCtx};
+use crate::select;
+use crate::state::{Carry, LastPlan, QueryRow, SeqState};
+use crate::view::{Keys, Shape};
+use std::collections::HashMap;
+
+/// Scores and rule evidence of one unit.
+type UnitOut = (Vec<f32>, Option<Vec<f32>>);
+
+/// The cells one sequence holds right now.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// engine sequence id
+    pub seq_id: i32,
+    /// engine cell ids, echoed in the plan
+    pub cells: &'a [u32],
+    /// positions, strictly ascending
+    pub pos: &'a [i32],
+    /// at most this many cells after the plan (0 = no cap)
+    pub max_cells: usize,
+    /// the call that just ran finished the prompt
+    pub prompt_end: bool,
+}
+
+impl SeqInput<'_> {
+    fn validate(&self) -> Result<()> {
+        if self.cells.len() != self.pos.len() {
+            return Err(shape_err(format!("{} cells but {} positions", self.cells.len(), self.pos.len())));
+        }
+        if let Some(i) = self.pos.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(shape_err(format!(
+                "positions must be strictly ascending: pos[{i}]={} then pos[{}]={}",
+                self.pos[i],
+                i + 1,
+                self.pos[i + 1]
+            )));
+        }
+        if self.pos.first().is_some_and(|&p| p < 0) {
+            return Err(shape_err("positions must be >= 0"));
+        }
+        Ok(())
+    }
+
+    /// Tokens seen: highest position + 1.
+    pub fn n_seen(&self) -> usize {
+        self.pos.last().map_or(0, |&p| p as usize + 1)
+    }
+}
+
+/// Counters of one plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// the policy ran
+    pub ran: bool,
+    /// cells before
+    pub n_cells: usize,
+    /// cells after
+    pub n_keep: usize,
+    /// cells freed
+    pub n_evict: usize,
+    /// cells the policy's own rule wanted (before the cap)
+    pub budget: usize,
+    /// tokens seen by the sequence
+    pub n_seen: usize,
+}
+
+/// The eviction plan for one sequence.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// cells to free, ascending
+    pub evict: Vec<u32>,
+    /// counters
+    pub stats: Stats,
+}
+
+/// Shape + policy + per-sequence state.
+pub struct Evictor {
+    shape: Shape,
+    policy: Policy,
+    par: Parallelism,
+    backend: Backend,
+    seqs: HashMap<i32, SeqState>,
+}
+
+impl Evictor {
+    /// A new evictor. CUDA is refused unless the `cuda` feature can open a device.
+    pub fn new(shape: Shape, policy: Policy, par: Parallelism, backend: Backend) -> Result<Self> {
+        if backend == Backend::Cuda {
+            #[cfg(feature = "cuda")]
+            crate::backend::cuda::probe()?;
+            #[cfg(not(feature = "cuda"))]
+            return Err(Error::CudaUnavailable("libkvcompress was built without the `cuda` feature".into()));
+        }
+        Ok(Evictor { shape, policy, par, backend, seqs: HashMap::new() })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The model shape.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// Query rows per layer and decode call the engine should capture.
+    pub fn q_window(&self) -> usize {
+        match self.policy.scorer.as_ref().map(|s| s.queries()) {
+            None | Some(QuerySel::None) => 0,
+            Some(QuerySel::Last(n)) => n,
+            Some(QuerySel::Unconsumed) => self.policy.window.max(1),
+        }
+    }
+
+    fn ring_cap(&self) -> usize {
+        self.q_window().max(1) + self.policy.interval
+    }
+
+    /// Remember the newest query rows of a sequence. `q` is `[n_layer][n_q][n_head*head_dim]`.
+    pub fn push_queries(&mut self, seq_id: i32, q_pos: &[i32], q: &[f32]) -> Result<()> {
+        let n_q = q_pos.len();
+        let row = self.shape.q_row_len();
+        let need = self.shape.n_layer * n_q * row;
+        if q.len() != need {
+            return Err(shape_err(format!(
+                "queries: {} floats, expected n_layer*n_q*n_head*head_dim = {}*{}*{} = {need}",
+                q.len(),
+                self.shape.n_layer,
+                n_q,
+                row
+            )));
+        }
+        if let Some(i) = q_pos.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(shape_err(format!("q_pos must be strictly ascending (index {i})")));
+        }
+        if let Some(bad) = q.iter().position(|v| !v.is_finite()) {
+            let layer = bad / (n_q * row).max(1);
+            let r = (bad % (n_q * row).max(1)) / row;
+            return Err(Error::NonFinite { what: "queries", layer, row: r });
+        }
+        if self.q_window() == 0 || n_q == 0 {
+            return Ok(());
+        }
+        // keep only what the ring can hold, transposed to token-major rows
+        let keep_from = n_q.saturating_sub(self.ring_cap());
+        let rows = (keep_from..n_q)
+            .map(|i| {
+                let mut data = Vec::with_capacity(self.shape.n_layer * row);
+                for l in 0..self.shape.n_layer {
+                    let off = (l * n_q + i) * row;
+                    data.extend_from_slice(&q[off..off + row]);
+                }
+                QueryRow { pos: q_pos[i], data: data.into_boxed_slice() }
+            })
+            .collect();
+        let cap = self.ring_cap();
+        self.seqs.entry(seq_id).or_default().push(rows, cap);
+        Ok(())
+    }
+
+    /// Whether the policy wants to run now: at the end of a prompt, when the sequence holds
+    /// more than `max_cells`, or every `interval` tokens during decode.
+    pub fn due(&mut self, s: &SeqInput) -> Result<bool> {
+        s.validate()?;
+        if self.policy.scorer.is_none() || s.pos.is_empty() {
+            return Ok(false);
+        }
+        let interval = self.policy.interval;
+        let st = self.seqs.entry(s.seq_id).or_default();
+        let max_pos = *s.pos.last().unwrap_or(&-1);
+        if max_pos < st.last_max_pos {
+            st.truncate_after(max_pos);
+        }
+        let n_new = s.pos.iter().rev().take_while(|&&p| p > st.last_max_pos).count();
+        st.last_max_pos = max_pos;
+        if s.max_cells > 0 && s.pos.len() > s.max_cells {
+            return Ok(true);
+        }
+        if s.prompt_end {
+            return Ok(true);
+        }
+        let since = s.n_seen() as i64 - st.seen_at_last_run;
+        Ok(interval > 0 && n_new <= 1 && since >= interval as i64)
+    }
+
+    /// Run the policy on one sequence. `keys` may be `None` only for policies that read no K.
+    pub fn plan(&mut self, s: &SeqInput, keys: Option<&Keys>) -> Result<Plan> {
+        s.validate()?;
+        let n = s.pos.len();
+        let Some(scorer) = self.policy.scorer.as_deref() else {
+            return Ok(Plan { evict: Vec::new(), stats: Stats { n_cells: n, n_keep: n, budget: n, n_seen: s.n_seen(), ..Default::default() } });
+        };
+        let shape = self.shape;
+        let keys = if scorer.needs_keys() {
+            let k = keys.ok_or(Error::NullArgument("seq.layers"))?;
+            if k.rows.len() != n {
+                return Err(shape_err(format!("{} key rows for {n} cells", k.rows.len())));
+            }
+            k.validate(&shape)?;
+            if self.backend == Backend::Cuda {
+                #[cfg(feature = "cuda")]
+                return Err(Error::CudaUnavailable("device scoring is not available in this build".into()));
+            }
+            Some(k)
+        } else {
+            None
+        };
+        let st = self.seqs.entry(s.seq_id).or_default();
+        let max_pos = *s.pos.last().unwrap_or(&-1);
+        st.truncate_after(max_pos);
+        if n == 0 {
+            return Ok(Plan::default());
+        }
+        let n_seen = s.n_seen();
+        let prot = select::protected(s.pos, self.policy.sinks, self.policy.window);
+        let queries: Vec<&QueryRow> = match scorer.queries() {
+            QuerySel::None => Vec::new(),
+            QuerySel::Last(k) => st.ring.iter().skip(st.ring.len().saturating_sub(k)).collect(),
+            QuerySel::Unconsumed => st.ring.iter().filter(|r| r.pos > st.consumed).collect(),
+        };
+        let carry: Option<Vec<Vec<f32>>> = if scorer.carries() { st.carry.as_ref().map(|c| c.realign(s.pos)) } else { None };
+        let n_units = shape.n_layer * shape.n_head_kv;
+        let rule = self.policy.rule.as_ref();
+        let results: Vec<Result<UnitOut>> = self.par.map(n_units, |u| {
+            let (layer, kv_head) = (u / shape.n_head_kv, u % shape.n_head_kv);
+            let mut buf = Vec::new();
+            if let Some(k) = keys {
+                k.gather_head(&shape, layer, kv_head, &mut buf)?;
+            }
+            let ctx = UnitCtx {
+                shape: &shape,
+                layer,
+                kv_head,
+                keys: &buf,
+                pos: s.pos,
+                queries: &queries,
+                carry: carry.as_ref().map(|c| c[u].as_slice()),
+                protected: &prot,
+            };
+            Ok((scorer.score_unit(&ctx), rule.unit_evidence(&ctx)))
+        });
+        let mut units = Vec::with_capacity(n_units);
+        let mut evidence = Vec::with_capacity(n_units);
+        for r in results {
+            let (sc, ev) = r?;
+            units.push(sc);
+            evidence.push(ev.unwrap_or_default());
+        }
+        let grid = ScoreGrid { n_layer: shape.n_layer, n_head_kv: shape.n_head_kv, units };
+        let decision = rule.decide(&DecideCtx {
+            shape: &shape,
+            grid: &grid,
+            evidence: &evidence,
+            pos: s.pos,
+            protected: &prot,
+            n_seen,
+        });
+        let mut target = decision.budget.min(n);
+        if s.max_cells > 0 && target > s.max_cells {
+            // leave some room so the next tokens do not force a run at every step
+            target = s.max_cells - s.max_cells / 16;
+        }
+        let cand: Vec<bool> = prot.iter().map(|p| !p).collect();
+        let n_prot = prot.iter().filter(|&&p| p).count();
+        let per_unit = target.saturating_sub(n_prot);
+        let budgets = self.policy.allocator.allocate(&grid, &cand, per_unit);
+        let unit_keep: Vec<Vec<bool>> =
+            grid.units.iter().zip(&budgets).map(|(sc, &b)| select::unit_keep(sc, s.pos, &prot, b)).collect();
+        let keep = match self.policy.granularity {
+            Granularity::Token => {
+                let ranking = decision.ranking.unwrap_or_else(|| select::votes_ranking(&unit_keep, &grid.token_mean()));
+                select::project(&ranking, s.pos, &prot, target)
+            }
+            // finer granularities free only what no unit keeps
+            Granularity::Layer | Granularity::Head => {
+                let mut k = select::pinned(s.pos);
+                for uk in &unit_keep {
+                    k.iter_mut().zip(uk).for_each(|(a, &b)| *a |= b);
+                }
+                k
+            }
+        };
+        let layer_kept = (0..shape.n_layer)
+            .map(|l| match self.policy.granularity {
+                Granularity::Token => keep.iter().filter(|&&k| k).count() as u32,
+                _ => (0..n)
+                    .filter(|&i| (0..shape.n_head_kv).any(|g| unit_keep[l * shape.n_head_kv + g][i]))
+                    .count() as u32,
+            })
+            .collect();
+        let evict: Vec<u32> = {
+            let mut e: Vec<u32> = s.cells.iter().zip(&keep).filter(|(_, &k)| !k).map(|(&c, _)| c).collect();
+            e.sort_unstable();
+            e
+        };
+        // remember
+        let kept_pos: Vec<i32> = s.pos.iter().zip(&keep).filter(|(_, &k)| k).map(|(&p, _)| p).collect();
+        if scorer.carries() {
+            st.carry = Some(Carry {
+                pos: kept_pos.clone(),
+                units: grid.units.iter().map(|u| u.iter().zip(&keep).filter(|(_, &k)| k).map(|(&v, _)| v).collect()).collect(),
+            });
+            st.consumed = queries.last().map_or(st.consumed, |r| r.pos);
+        }
+        st.seen_at_last_run = n_seen as i64;
+        st.last = Some(LastPlan { pos: s.pos.to_vec(), unit_keep, layer_kept });
+        let n_keep = n - evict.len();
+        Ok(Plan {
+            stats: Stats { ran: true, n_cells: n, n_keep, n_evict: evict.len(), budget: decision.budget, n_seen },
+            evict,
+        })
+    }
+
+    /// Drop everything remembered about a sequence.
+    pub fn forget(&mut self, seq_id: i32) {
+        self.seqs.remove(&seq_id);
+    }
+
+    /// Cells kept per layer by the last plan of a sequence.
+    pub fn layer_kept(&self, seq_id: i32) -> Option<&[u32]> {
+        self.seqs.get(&seq_id)?.last.as_ref().map(|l| l.layer_kept.as_slice())
+    }
+
+    /// Keep flags of one (layer, KV head) from the last plan, over the positions it saw.
+    pub fn unit_keep(&self, seq_id: i32, layer: usize, kv_head: usize) -> Option<(&[i32], &[bool])> {
+        let last = self.seqs.get(&seq_id)?.last.as_ref()?;
+        let u = last.unit_keep.get(layer * self.shape.n_head_kv + kv_head)?;
+        Some((&last.pos, u))
+    }
+}

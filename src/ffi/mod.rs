@@ -1,0 +1,572 @@
+//! The C ABI (`include/kvcompress.h` is generated from this file by cbindgen).
+//!
+//! Conventions, kept by every export (the README's "C API" section states them for users):
+//! - one opaque handle, `kvc_evictor`, created by `kvc_evictor_init`, released by
+//!   `kvc_evictor_free` (NULL is a no-op; freeing twice is undefined);
+//! - every fallible call returns a `kvc_status` (`KVC_STATUS_OK` = 0); `kvc_status_str` gives
+//!   static text and `kvc_evictor_last_error` the detail of the last failure on that handle;
+//! - arguments are checked (NULL, shapes, dtypes, NaN/Inf) before any work; outputs are written
+//!   only on success; the caller owns every buffer;
+//! - every export runs inside a panic boundary: a panic becomes `KVC_STATUS_PANIC`;
+//! - a handle must not be used from two threads at once; separate handles are independent.
+
+#![allow(non_camel_case_types)]
+
+mod boundary;
+
+use crate::backend::{Backend, Parallelism};
+use crate::error::{Error, Result};
+use crate::evictor::{Evictor, SeqInput};
+use crate::policy::{Policy, POLICY_NAMES};
+use crate::view::{Dtype, KeyLayer, Keys, Shape};
+use boundary::{c_str, c_str_array, guard, guard_value, slice, write_msg};
+use std::cell::RefCell;
+use std::ffi::{c_char, CString};
+
+/// Version of the C ABI; bumped whenever a struct or a signature changes. Callers compare
+/// `KVC_ABI_VERSION` (compile time) with `kvc_abi_version()` (run time).
+pub const KVC_ABI_VERSION: u32 = 1;
+
+/// Status of a call: `KVC_STATUS_OK` (0) or one of the `KVC_STATUS_*` errors.
+pub type kvc_status = u32;
+
+/// Status codes. Numbers are fixed forever; retired numbers are never reused.
+pub mod status {
+    use super::kvc_status;
+    /// success
+    pub const KVC_STATUS_OK: kvc_status = 0;
+    /// a required pointer was NULL
+    pub const KVC_STATUS_NULL_ARGUMENT: kvc_status = 1;
+    /// sizes are zero or inconsistent
+    pub const KVC_STATUS_INVALID_SHAPE: kvc_status = 2;
+    /// dtype code not supported
+    pub const KVC_STATUS_UNSUPPORTED_DTYPE: kvc_status = 3;
+    /// NaN or Inf in queries or keys
+    pub const KVC_STATUS_NON_FINITE_INPUT: kvc_status = 4;
+    /// unknown policy name
+    pub const KVC_STATUS_UNKNOWN_POLICY: kvc_status = 5;
+    /// unknown parameter for the policy
+    pub const KVC_STATUS_UNKNOWN_PARAM: kvc_status = 6;
+    /// parameter value does not parse or is out of range
+    pub const KVC_STATUS_INVALID_PARAM_VALUE: kvc_status = 7;
+    /// an output buffer is too small
+    pub const KVC_STATUS_BUFFER_TOO_SMALL: kvc_status = 8;
+    /// CUDA requested but not available
+    pub const KVC_STATUS_CUDA_UNAVAILABLE: kvc_status = 9;
+    /// caller built against another ABI version
+    pub const KVC_STATUS_ABI_MISMATCH: kvc_status = 10;
+    /// a string argument is not UTF-8
+    pub const KVC_STATUS_INVALID_UTF8: kvc_status = 11;
+    /// a panic was caught inside the library (a bug: please report it)
+    pub const KVC_STATUS_PANIC: kvc_status = 100;
+}
+pub use status::*;
+
+/// Element type of K: `KVC_DTYPE_F32`, `KVC_DTYPE_F16` or `KVC_DTYPE_BF16`.
+pub type kvc_dtype = u32;
+/// 32-bit float
+pub const KVC_DTYPE_F32: kvc_dtype = 0;
+/// IEEE half
+pub const KVC_DTYPE_F16: kvc_dtype = 1;
+/// bfloat16
+pub const KVC_DTYPE_BF16: kvc_dtype = 2;
+
+/// Where K lives: `KVC_BACKEND_CPU` (host memory) or `KVC_BACKEND_CUDA` (device memory).
+pub type kvc_backend = u32;
+/// host memory, scored on the CPU
+pub const KVC_BACKEND_CPU: kvc_backend = 0;
+/// CUDA device memory, scored on the GPU
+pub const KVC_BACKEND_CUDA: kvc_backend = 1;
+
+/// `kvc_seq_view.flags`: the decode call that just ran ended a prompt (several tokens of the
+/// sequence, logits requested for the last one).
+pub const KVC_SEQ_FLAG_PROMPT_END: u32 = 1;
+
+/// Construction parameters. Get defaults from `kvc_params_default()`, then set the shape.
+/// Fields are only ever appended.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kvc_params {
+    /// `KVC_ABI_VERSION` of the caller; filled by `kvc_params_default()`
+    pub abi_version: u32,
+    /// cache layers
+    pub n_layer: u32,
+    /// query heads
+    pub n_head: u32,
+    /// KV heads (`n_head % n_head_kv == 0`)
+    pub n_head_kv: u32,
+    /// K head size
+    pub head_dim: u32,
+    /// attention scale; 0 = 1/sqrt(head_dim)
+    pub kq_scale: f32,
+    /// `KVC_BACKEND_*`
+    pub backend: kvc_backend,
+    /// 0 = all cores, 1 = serial, N = N threads (env `KVC_THREADS` overrides)
+    pub n_threads: u32,
+}
+
+/// K of one cache layer. Row `r` starts at `(const char *)k + r * k_row_stride`; within a row,
+/// KV head `h` starts at element `h * head_dim`. Quantized caches: the engine dequantizes to F32.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kvc_layer_view {
+    /// host pointer (or device pointer with `KVC_BACKEND_CUDA`)
+    pub k: *const std::ffi::c_void,
+    /// bytes between consecutive rows
+    pub k_row_stride: u64,
+    /// `KVC_DTYPE_*`
+    pub k_dtype: kvc_dtype,
+}
+
+/// The cells one sequence holds right now.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kvc_seq_view {
+    /// engine sequence id
+    pub seq_id: i32,
+    /// number of cells
+    pub n_cells: u32,
+    /// `[n_cells]` engine cell ids, echoed back in the plan
+    pub cells: *const u32,
+    /// `[n_cells]` positions, strictly ascending
+    pub pos: *const i32,
+    /// `[n_cells]` row of each cell in every layer's K; NULL = `cells[i]`
+    pub k_rows: *const u32,
+    /// the plan leaves at most this many cells (0 = no cap)
+    pub max_cells: u32,
+    /// `KVC_SEQ_FLAG_*`
+    pub flags: u32,
+    /// `[n_layer]` K views; may be NULL for `kvc_evictor_due` and for policies that read no K
+    pub layers: *const kvc_layer_view,
+}
+
+/// Counters of one plan.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct kvc_stats {
+    /// 1 when the policy ran in this call
+    pub ran: u32,
+    /// cells held before the plan
+    pub n_cells: u32,
+    /// cells held after
+    pub n_keep: u32,
+    /// cells the plan frees
+    pub n_evict: u32,
+    /// cells the policy's own rule wanted to keep, before `max_cells`
+    pub budget: u32,
+    /// tokens the sequence has seen (highest position + 1)
+    pub n_seen: u32,
+}
+
+/// Opaque eviction engine: one model shape, one policy, the state of every sequence.
+pub struct kvc_evictor {
+    inner: Evictor,
+    last_error: RefCell<CString>,
+}
+
+impl kvc_evictor {
+    fn set_error(&self, e: &Error) {
+        let msg = e.to_string().replace('\0', " ");
+        *self.last_error.borrow_mut() = CString::new(msg).unwrap_or_default();
+    }
+}
+
+/// Run `f` on a handle, recording failures on it.
+fn with_evictor(ev: *mut kvc_evictor, f: impl FnOnce(&mut kvc_evictor) -> Result<()>) -> kvc_status {
+    if ev.is_null() {
+        return KVC_STATUS_NULL_ARGUMENT;
+    }
+    // SAFETY: non-NULL handles come from kvc_evictor_init and are not shared across threads.
+    let h = unsafe { &mut *ev };
+    let on_err = |e: &Error| h.set_error(e);
+    let h2 = unsafe { &mut *ev };
+    guard(on_err, || {
+        *h2.last_error.borrow_mut() = CString::default();
+        f(h2)
+    })
+}
+
+/// Defaults: the caller's ABI version, CPU backend, all cores, shape zeroed (must be set).
+#[no_mangle]
+pub extern "C" fn kvc_params_default() -> kvc_params {
+    kvc_params {
+        abi_version: KVC_ABI_VERSION,
+        n_layer: 0,
+        n_head: 0,
+        n_head_kv: 0,
+        head_dim: 0,
+        kq_scale: 0.0,
+        backend: KVC_BACKEND_CPU,
+        n_threads: 0,
+    }
+}
+
+/// Create an evictor for a model shape and a policy with `name=value` overrides.
+/// On failure `*out` is untouched and `err` (optional, `err_len` bytes) receives a message.
+///
+/// # Safety
+/// Pointers must be valid as documented: `params`, `policy` and `out` non-NULL, `kv` an array
+/// of `n_kv` C strings, `err` writable for `err_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_init(
+    params: *const kvc_params,
+    policy: *const c_char,
+    kv: *const *const c_char,
+    n_kv: usize,
+    out: *mut *mut kvc_evictor,
+    err: *mut c_char,
+    err_len: usize,
+) -> kvc_status {
+    guard(
+        |e| write_msg(err, err_len, &e.to_string()),
+        || {
+            if params.is_null() {
+                return Err(Error::NullArgument("params"));
+            }
+            if out.is_null() {
+                return Err(Error::NullArgument("out"));
+            }
+            let p = *params;
+            if p.abi_version != KVC_ABI_VERSION {
+                return Err(Error::AbiMismatch { caller: p.abi_version, library: KVC_ABI_VERSION });
+            }
+            let shape = Shape::new(
+                p.n_layer as usize,
+                p.n_head as usize,
+                p.n_head_kv as usize,
+                p.head_dim as usize,
+                p.kq_scale,
+            )?;
+            let backend = Backend::from_code(p.backend)?;
+            let name = c_str(policy, "policy")?;
+            let overrides = c_str_array(kv, n_kv, "kv")?;
+            let policy = Policy::parse(name, &overrides)?;
+            let inner = Evictor::new(shape, policy, Parallelism::new(p.n_threads as usize), backend)?;
+            let handle = Box::new(kvc_evictor { inner, last_error: RefCell::new(CString::default()) });
+            *out = Box::into_raw(handle);
+            write_msg(err, err_len, "");
+            Ok(())
+        },
+    )
+}
+
+/// Release an evictor. NULL is a no-op; calling it twice on the same handle is undefined.
+///
+/// # Safety
+/// `ev` must come from `kvc_evictor_init` and not be used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_free(ev: *mut kvc_evictor) {
+    if ev.is_null() {
+        return;
+    }
+    guard_value((), || drop(Box::from_raw(ev)));
+}
+
+/// Detail of the last failed call on `ev` ("" when the last call succeeded). Valid until the
+/// next call on `ev`. NULL handle: static text.
+///
+/// # Safety
+/// `ev` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_last_error(ev: *const kvc_evictor) -> *const c_char {
+    if ev.is_null() {
+        return c"NULL evictor".as_ptr();
+    }
+    guard_value(c"internal panic".as_ptr(), || (*ev).last_error.borrow().as_ptr())
+}
+
+/// The policy and every resolved parameter ("dbudget sinks=4 threshold=0.01 ..."), copied into
+/// `buf` (NUL-terminated, truncated). Returns the full length (0 for a NULL handle).
+///
+/// # Safety
+/// `ev` a live handle; `buf` writable for `len` bytes or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_describe(ev: *const kvc_evictor, buf: *mut c_char, len: usize) -> usize {
+    if ev.is_null() {
+        return 0;
+    }
+    guard_value(0, || {
+        let d = (*ev).inner.policy().describe();
+        write_msg(buf, len, &d);
+        d.len()
+    })
+}
+
+/// Query rows per layer and call that the policy wants the engine to capture (0 = none).
+///
+/// # Safety
+/// `ev` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_q_window(ev: *const kvc_evictor) -> u32 {
+    if ev.is_null() {
+        return 0;
+    }
+    guard_value(0, || (*ev).inner.q_window() as u32)
+}
+
+/// After every decode call: the newest query rows of a sequence, `q` laid out
+/// `[n_layer][n_q][n_head * head_dim]` f32, post-RoPE and rotated like the cached K.
+///
+/// # Safety
+/// `q_pos` holds `n_q` values and `q` `n_layer*n_q*n_head*head_dim` floats (NULL if `n_q == 0`).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_push_queries(
+    ev: *mut kvc_evictor,
+    seq_id: i32,
+    n_q: u32,
+    q_pos: *const i32,
+    q: *const f32,
+) -> kvc_status {
+    with_evictor(ev, |h| {
+        let n_q = n_q as usize;
+        let shape = *h.inner.shape();
+        let q_pos = slice(q_pos, n_q, "q_pos")?;
+        let n_f = shape
+            .n_layer
+            .checked_mul(n_q)
+            .and_then(|x| x.checked_mul(shape.q_row_len()))
+            .ok_or_else(|| Error::InvalidShape(format!("n_q={n_q} is too large")))?;
+        let q = slice(q, n_f, "q")?;
+        h.inner.push_queries(seq_id, q_pos, q)
+    })
+}
+
+/// Borrow a sequence view.
+unsafe fn seq_input<'a>(seq: *const kvc_seq_view) -> Result<(SeqInput<'a>, &'a [u32], *const kvc_layer_view)> {
+    if seq.is_null() {
+        return Err(Error::NullArgument("seq"));
+    }
+    let s = &*seq;
+    let n = s.n_cells as usize;
+    let cells = slice(s.cells, n, "seq.cells")?;
+    let pos = slice(s.pos, n, "seq.pos")?;
+    let rows = if s.k_rows.is_null() { cells } else { slice(s.k_rows, n, "seq.k_rows")? };
+    let input = SeqInput {
+        seq_id: s.seq_id,
+        cells,
+        pos,
+        max_cells: s.max_cells as usize,
+        prompt_end: s.flags & KVC_SEQ_FLAG_PROMPT_END != 0,
+    };
+    Ok((input, rows, s.layers))
+}
+
+/// Whether the policy wants to run now (end of a prompt, over `max_cells`, or the decode
+/// interval reached). Cheap: reads no K (`seq->layers` may be NULL).
+///
+/// # Safety
+/// `seq` points to a valid view; `due` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_due(ev: *mut kvc_evictor, seq: *const kvc_seq_view, due: *mut bool) -> kvc_status {
+    with_evictor(ev, |h| {
+        if due.is_null() {
+            return Err(Error::NullArgument("due"));
+        }
+        let (input, _, _) = seq_input(seq)?;
+        *due = h.inner.due(&input)?;
+        Ok(())
+    })
+}
+
+/// Run the policy on a sequence and write the cells to free, ascending, into
+/// `evict[0..*n_evict)`. `evict_cap >= seq->n_cells` always suffices. `stats` is optional.
+///
+/// # Safety
+/// `seq` and its arrays valid as documented; `evict` writable for `evict_cap` values;
+/// `n_evict` writable; `stats` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_plan(
+    ev: *mut kvc_evictor,
+    seq: *const kvc_seq_view,
+    evict: *mut u32,
+    evict_cap: usize,
+    n_evict: *mut usize,
+    stats: *mut kvc_stats,
+) -> kvc_status {
+    with_evictor(ev, |h| {
+        if n_evict.is_null() {
+            return Err(Error::NullArgument("n_evict"));
+        }
+        let (input, rows, layers) = seq_input(seq)?;
+        let shape = *h.inner.shape();
+        let keys = if layers.is_null() {
+            None
+        } else {
+            let views = slice(layers, shape.n_layer, "seq.layers")?;
+            let mut out = Vec::with_capacity(views.len());
+            for v in views {
+                let dtype = Dtype::from_code(v.k_dtype)?;
+                if v.k.is_null() && input.cells.is_empty() {
+                    // nothing will be read
+                } else if v.k.is_null() {
+                    return Err(Error::NullArgument("seq.layers[].k"));
+                }
+                out.push(KeyLayer { base: v.k as *const u8, row_stride: v.k_row_stride as usize, dtype });
+            }
+            Some(Keys { layers: out, rows })
+        };
+        let plan = h.inner.plan(&input, keys.as_ref())?;
+        if plan.evict.len() > evict_cap {
+            return Err(Error::BufferTooSmall { need: plan.evict.len(), got: evict_cap });
+        }
+        if !plan.evict.is_empty() {
+            if evict.is_null() {
+                return Err(Error::NullArgument("evict"));
+            }
+            std::ptr::copy_nonoverlapping(plan.evict.as_ptr(), evict, plan.evict.len());
+        }
+        *n_evict = plan.evict.len();
+        if !stats.is_null() {
+            let s = plan.stats;
+            *stats = kvc_stats {
+                ran: s.ran as u32,
+                n_cells: s.n_cells as u32,
+                n_keep: s.n_keep as u32,
+                n_evict: s.n_evict as u32,
+                budget: s.budget as u32,
+                n_seen: s.n_seen as u32,
+            };
+        }
+        Ok(())
+    })
+}
+
+/// Forget a sequence (it was cleared or its slot reused).
+///
+/// # Safety
+/// `ev` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_seq_forget(ev: *mut kvc_evictor, seq_id: i32) -> kvc_status {
+    with_evictor(ev, |h| {
+        h.inner.forget(seq_id);
+        Ok(())
+    })
+}
+
+/// Cells kept per layer by the last plan of `seq_id`, into `counts[0..n_layer)`.
+///
+/// # Safety
+/// `counts` writable for `n_layer` values.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_layer_kept(
+    ev: *mut kvc_evictor,
+    seq_id: i32,
+    counts: *mut u32,
+    n_layer: usize,
+) -> kvc_status {
+    with_evictor(ev, |h| {
+        if counts.is_null() {
+            return Err(Error::NullArgument("counts"));
+        }
+        let kept = h
+            .inner
+            .layer_kept(seq_id)
+            .ok_or_else(|| Error::InvalidShape(format!("sequence {seq_id} has no plan yet")))?;
+        if n_layer < kept.len() {
+            return Err(Error::BufferTooSmall { need: kept.len(), got: n_layer });
+        }
+        std::ptr::copy_nonoverlapping(kept.as_ptr(), counts, kept.len());
+        Ok(())
+    })
+}
+
+/// Keep flags (1 = kept) that the last plan of `seq_id` chose for one layer and KV head, one per
+/// cell of the view that plan saw, in its order (`n` must equal its `n_cells`).
+///
+/// # Safety
+/// `mask` writable for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_keep_mask(
+    ev: *mut kvc_evictor,
+    seq_id: i32,
+    layer: u32,
+    kv_head: u32,
+    mask: *mut u8,
+    n: usize,
+) -> kvc_status {
+    with_evictor(ev, |h| {
+        if mask.is_null() {
+            return Err(Error::NullArgument("mask"));
+        }
+        let (pos, keep) = h.inner.unit_keep(seq_id, layer as usize, kv_head as usize).ok_or_else(|| {
+            Error::InvalidShape(format!("no plan for sequence {seq_id}, layer {layer}, KV head {kv_head}"))
+        })?;
+        if n != pos.len() {
+            return Err(Error::InvalidShape(format!("mask has {n} entries, the last plan saw {} cells", pos.len())));
+        }
+        for (i, &k) in keep.iter().enumerate() {
+            *mask.add(i) = k as u8;
+        }
+        Ok(())
+    })
+}
+
+/// Validate a policy name and overrides without a model (startup flags, request fields).
+///
+/// # Safety
+/// `policy` a C string, `kv` an array of `n_kv` C strings, `err` writable for `err_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_policy_check(
+    policy: *const c_char,
+    kv: *const *const c_char,
+    n_kv: usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> kvc_status {
+    guard(
+        |e| write_msg(err, err_len, &e.to_string()),
+        || {
+            let name = c_str(policy, "policy")?;
+            let overrides = c_str_array(kv, n_kv, "kv")?;
+            Policy::parse(name, &overrides)?;
+            write_msg(err, err_len, "");
+            Ok(())
+        },
+    )
+}
+
+static POLICY_LIST: std::sync::OnceLock<CString> = std::sync::OnceLock::new();
+
+/// Comma-separated policy names ("none,streaming,..."). Static.
+#[no_mangle]
+pub extern "C" fn kvc_policy_names() -> *const c_char {
+    guard_value(c"".as_ptr(), || POLICY_LIST.get_or_init(|| CString::new(POLICY_NAMES.join(",")).unwrap_or_default()).as_ptr())
+}
+
+/// Static text for a status code.
+#[no_mangle]
+pub extern "C" fn kvc_status_str(status: kvc_status) -> *const c_char {
+    let s: &'static std::ffi::CStr = match status {
+        KVC_STATUS_OK => c"ok",
+        KVC_STATUS_NULL_ARGUMENT => c"a required argument is NULL",
+        KVC_STATUS_INVALID_SHAPE => c"invalid or inconsistent shape",
+        KVC_STATUS_UNSUPPORTED_DTYPE => c"unsupported dtype",
+        KVC_STATUS_NON_FINITE_INPUT => c"NaN or Inf in the input",
+        KVC_STATUS_UNKNOWN_POLICY => c"unknown policy",
+        KVC_STATUS_UNKNOWN_PARAM => c"unknown policy parameter",
+        KVC_STATUS_INVALID_PARAM_VALUE => c"invalid policy parameter value",
+        KVC_STATUS_BUFFER_TOO_SMALL => c"output buffer too small",
+        KVC_STATUS_CUDA_UNAVAILABLE => c"CUDA unavailable",
+        KVC_STATUS_ABI_MISMATCH => c"ABI version mismatch",
+        KVC_STATUS_INVALID_UTF8 => c"string argument is not UTF-8",
+        KVC_STATUS_PANIC => c"internal panic (a bug)",
+        _ => c"unknown status code",
+    };
+    s.as_ptr()
+}
+
+/// Library version, e.g. "0.1.0". Static.
+#[no_mangle]
+pub extern "C" fn kvc_version() -> *const c_char {
+    static V: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+        Ok(v) => v,
+        Err(_) => c"unknown",
+    };
+    V.as_ptr()
+}
+
+/// The library's ABI version (compare with `KVC_ABI_VERSION` from the header).
+#[no_mangle]
+pub extern "C" fn kvc_abi_version() -> u32 {
+    KVC_ABI_VERSION
+}

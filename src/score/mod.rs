@@ -1,0 +1,194 @@
+//! Stage 2 of the pipeline: how important is each cached token, per (layer, KV head)?
+//!
+//! A scorer works on one *unit* (a layer and a KV head) at a time, so the CPU backend runs units
+//! in parallel and the CUDA backend maps a unit to a block. Scores are computed per query head
+//! and reduced over the GQA group (mean or max): KV heads are never expanded.
+
+mod gvote;
+mod simple;
+mod window;
+
+pub use gvote::GVote;
+pub use simple::{KeyNorm, Position};
+pub use window::{Accumulated, WindowAttention};
+
+use crate::backend::cpu;
+use crate::state::QueryRow;
+use crate::view::Shape;
+
+/// How the query heads of one GQA group are folded into one KV-head score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GqaReduce {
+    /// average over the group (kvpress, Ada-KV default)
+    Mean,
+    /// maximum over the group
+    Max,
+}
+
+impl GqaReduce {
+    /// Fold `[group][n]` into `[n]`.
+    pub fn fold(self, per_head: &[Vec<f32>]) -> Vec<f32> {
+        let n = per_head.first().map_or(0, |v| v.len());
+        let mut out = vec![0.0f32; n];
+        match self {
+            GqaReduce::Mean => {
+                for h in per_head {
+                    out.iter_mut().zip(h).for_each(|(o, v)| *o += v);
+                }
+                let inv = 1.0 / per_head.len().max(1) as f32;
+                out.iter_mut().for_each(|o| *o *= inv);
+            }
+            GqaReduce::Max => {
+                out.iter_mut().for_each(|o| *o = f32::NEG_INFINITY);
+                for h in per_head {
+                    out.iter_mut().zip(h).for_each(|(o, v)| *o = o.max(*v));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Which of the remembered query rows a scorer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuerySel {
+    /// none (position or key-only scorers)
+    None,
+    /// the newest `n` rows
+    Last(usize),
+    /// every row not yet folded into the carried scores (H2O)
+    Unconsumed,
+}
+
+/// Everything one (layer, KV head) unit sees.
+pub struct UnitCtx<'a> {
+    /// model geometry
+    pub shape: &'a Shape,
+    /// layer index
+    pub layer: usize,
+    /// KV head index
+    pub kv_head: usize,
+    /// this head's keys for every held cell, `[n][head_dim]` f32, ascending position
+    pub keys: &'a [f32],
+    /// positions of the held cells, ascending
+    pub pos: &'a [i32],
+    /// the query rows the scorer asked for, oldest first
+    pub queries: &'a [&'a QueryRow],
+    /// carried scores for this unit, aligned to `pos` (H2O)
+    pub carry: Option<&'a [f32]>,
+    /// cells that are always kept
+    pub protected: &'a [bool],
+}
+
+impl UnitCtx<'_> {
+    /// Number of held cells.
+    pub fn n(&self) -> usize {
+        self.pos.len()
+    }
+
+    /// Query heads of this unit's GQA group.
+    pub fn heads(&self) -> std::ops::Range<usize> {
+        let g = self.shape.group();
+        self.kv_head * g..(self.kv_head + 1) * g
+    }
+
+    /// Query vector of global head `h` in `row`.
+    pub fn q<'r>(&self, row: &'r QueryRow, h: usize) -> &'r [f32] {
+        let d = self.shape.head_dim;
+        let off = self.layer * self.shape.q_row_len() + h * d;
+        &row.data[off..off + d]
+    }
+
+    /// Attention row of query head `h` of `row` over the held keys (causal), into `out`.
+    pub fn attend(&self, q: &[f32], qpos: i32, out: &mut [f32]) -> bool {
+        let n_vis = cpu::visible(self.pos, qpos);
+        cpu::softmax_row(q, self.keys, self.shape.head_dim, n_vis, self.shape.kq_scale, out)
+    }
+
+    /// Per query head of the group: the attention mass each cell receives from `rows`, summed.
+    pub fn received(&self, rows: &[&QueryRow]) -> Vec<Vec<f32>> {
+        let n = self.n();
+        let mut row_buf = vec![0.0f32; n];
+        self.heads()
+            .map(|h| {
+                let mut acc = vec![0.0f32; n];
+                for r in rows {
+                    if self.attend(self.q(r, h), r.pos, &mut row_buf) {
+                        acc.iter_mut().zip(&row_buf).for_each(|(a, p)| *a += p);
+                    }
+                }
+                acc
+            })
+            .collect()
+    }
+}
+
+/// Importance of each held cell for one unit; larger means more worth keeping.
+pub trait Scorer: Send + Sync {
+    /// The query rows this scorer reads.
+    fn queries(&self) -> QuerySel;
+    /// Whether it reads K at all (position-only scorers do not).
+    fn needs_keys(&self) -> bool {
+        true
+    }
+    /// Whether the returned scores are carried to the next plan (accumulating scorers).
+    fn carries(&self) -> bool {
+        false
+    }
+    /// Score one unit: one value per held cell.
+    fn score_unit(&self, u: &UnitCtx) -> Vec<f32>;
+}
+
+/// Scores of every unit: `units[layer * n_head_kv + kv_head][cell]`.
+#[derive(Debug, Clone)]
+pub struct ScoreGrid {
+    /// layers
+    pub n_layer: usize,
+    /// KV heads
+    pub n_head_kv: usize,
+    /// one score vector per unit
+    pub units: Vec<Vec<f32>>,
+}
+
+impl ScoreGrid {
+    /// Held cells.
+    pub fn n(&self) -> usize {
+        self.units.first().map_or(0, |u| u.len())
+    }
+
+    /// Scores of unit (l, g).
+    pub fn unit(&self, l: usize, g: usize) -> &[f32] {
+        &self.units[l * self.n_head_kv + g]
+    }
+
+    /// Per unit, scores divided by the unit's total (attention-like mass that sums to 1), so
+    /// units can be compared; a unit with no positive mass is left as is.
+    pub fn normalized(&self) -> Vec<Vec<f32>> {
+        self.units
+            .iter()
+            .map(|u| {
+                let min = u.iter().copied().fold(f32::INFINITY, f32::min);
+                let shift = if min < 0.0 { -min } else { 0.0 };
+                let sum: f32 = u.iter().map(|v| v + shift).sum();
+                if sum > 0.0 && sum.is_finite() {
+                    u.iter().map(|v| (v + shift) / sum).collect()
+                } else {
+                    u.clone()
+                }
+            })
+            .collect()
+    }
+
+    /// One score per cell: the mean of the normalized unit scores.
+    pub fn token_mean(&self) -> Vec<f32> {
+        let n = self.n();
+        let norm = self.normalized();
+        let mut out = vec![0.0f32; n];
+        for u in &norm {
+            out.iter_mut().zip(u).for_each(|(o, v)| *o += v);
+        }
+        let inv = 1.0 / norm.len().max(1) as f32;
+        out.iter_mut().for_each(|o| *o *= inv);
+        out
+    }
+}

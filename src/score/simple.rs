@@ -1,0 +1,35 @@
+//! Scorers that need no queries.
+
+use super::{QuerySel, Scorer, UnitCtx};
+
+/// StreamingLLM: newer is more important; with the always-kept sinks this keeps
+/// "sinks + most recent".
+#[derive(Debug, Clone, Default)]
+pub struct Position;
+
+impl Scorer for Position {
+    fn queries(&self) -> QuerySel {
+        QuerySel::None
+    }
+    fn needs_keys(&self) -> bool {
+        false
+    }
+    fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
+        u.pos.iter().map(|&p| p as f32).collect()
+    }
+}
+
+/// Key norm (kvpress `KnormPress`): keys with a small L2 norm draw attention and are kept,
+/// so the score is `-||k||`.
+#[derive(Debug, Clone, Default)]
+pub struct KeyNorm;
+
+impl Scorer for KeyNorm {
+    fn queries(&self) -> QuerySel {
+        QuerySel::None
+    }
+    fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
+        let d = u.shape.head_dim;
+        u.keys.chunks_exact(d).map(|k| -k.iter().map(|v| v * v).sum::<f32>().sqrt()).collect()
+    }
+}

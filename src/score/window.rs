@@ -1,0 +1,61 @@
+//! Scorers built on the attention the newest queries pay to each cell.
+
+use super::{GqaReduce, QuerySel, Scorer, UnitCtx};
+use crate::backend::cpu;
+
+/// Attention mass from the last `window` queries, averaged over those rows, reduced over the
+/// GQA group and optionally pooled along the sequence.
+///
+/// - SnapKV: window 32, max-pool kernel 7;
+/// - TOVA: window 1, no pooling;
+/// - the H2O ranking of ReFreeKV/DBudgetKV: window 8, no pooling.
+#[derive(Debug, Clone)]
+pub struct WindowAttention {
+    /// query rows observed
+    pub window: usize,
+    /// pooling kernel (odd; 1 = none)
+    pub kernel: usize,
+    /// max pooling (true) or average
+    pub max_pool: bool,
+    /// group reduction
+    pub gqa: GqaReduce,
+}
+
+impl Scorer for WindowAttention {
+    fn queries(&self) -> QuerySel {
+        QuerySel::Last(self.window)
+    }
+    fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
+        let rows = u.queries.len().max(1) as f32;
+        let mut per_head = u.received(u.queries);
+        for h in &mut per_head {
+            h.iter_mut().for_each(|v| *v /= rows);
+        }
+        let s = self.gqa.fold(&per_head);
+        cpu::pool1d(&s, self.kernel, self.max_pool)
+    }
+}
+
+/// H2O: attention mass received, accumulated over every query seen so far and carried from plan
+/// to plan (decode steps included).
+#[derive(Debug, Clone)]
+pub struct Accumulated {
+    /// group reduction
+    pub gqa: GqaReduce,
+}
+
+impl Scorer for Accumulated {
+    fn queries(&self) -> QuerySel {
+        QuerySel::Unconsumed
+    }
+    fn carries(&self) -> bool {
+        true
+    }
+    fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
+        let fresh = self.gqa.fold(&u.received(u.queries));
+        match u.carry {
+            Some(c) => fresh.iter().zip(c).map(|(a, b)| a + b).collect(),
+            None => fresh,
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Stage 4 of the pipeline: from scores and budgets to keep sets.
+//!
+//! - per (layer, KV head) keep sets: protected cells plus the unit's top `b` candidates;
+//! - the token-granularity projection: the cells llama.cpp frees are the same in every layer
+//!   and head, so one keep set is chosen from a token ranking: the rule's own ranking when it
+//!   has one (DBudgetKV, GVote), else the number of unit keep sets holding the cell;
+//! - the cap: the engine may demand at most `max_cells`.
+//!
+//! Tie rule (everywhere): equal scores keep the newer cell (higher position) first.
+
+/// Cells that are always kept: the `sinks` oldest held cells, the `recent` newest, position 0
+/// and the newest cell.
+pub fn protected(pos: &[i32], sinks: usize, recent: usize) -> Vec<bool> {
+    let n = pos.len();
+    let mut p = vec![false; n];
+    p.iter_mut().take(sinks).for_each(|x| *x = true);
+    p.iter_mut().skip(n.saturating_sub(recent)).for_each(|x| *x = true);
+    if let Some(first) = pos.iter().position(|&x| x == 0) {
+        p[first] = true;
+    }
+    if n > 0 {
+        p[n - 1] = true;
+    }
+    p
+}
+
+/// Cells that can never be evicted, whatever the cap: position 0 and the newest cell.
+pub fn pinned(pos: &[i32]) -> Vec<bool> {
+    protected(pos, 0, 0)
+}
+
+/// Order of `idx` by descending `score`, ties by descending position.
+fn sort_desc(idx: &mut [usize], score: &[f32], pos: &[i32]) {
+    idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(pos[b].cmp(&pos[a])));
+}
+
+/// Keep set of one unit: the protected cells plus the top `b` candidates by `score`.
+pub fn unit_keep(score: &[f32], pos: &[i32], prot: &[bool], b: usize) -> Vec<bool> {
+    let mut keep = prot.to_vec();
+    let mut cand: Vec<usize> = (0..score.len()).filter(|&i| !prot[i]).collect();
+    sort_desc(&mut cand, score, pos);
+    for &i in cand.iter().take(b) {
+        keep[i] = true;
+    }
+    keep
+}
+
+/// Token ranking from unit keep sets: the number of sets holding each cell, with the mean
+/// normalized score (below 1) as tie-break.
+pub fn votes_ranking(unit_keep: &[Vec<bool>], token_mean: &[f32]) -> Vec<f32> {
+    let mut r: Vec<f32> = token_mean.iter().map(|m| m.clamp(0.0, 0.999)).collect();
+    for k in unit_keep {
+        r.iter_mut().zip(k).for_each(|(x, &kept)| *x += kept as u8 as f32);
+    }
+    r
+}
+
+/// The final token keep set: pinned cells, then protected cells, then the best of `ranking`,
+/// `budget` cells in all (never fewer than the pinned ones).
+pub fn project(ranking: &[f32], pos: &[i32], prot: &[bool], budget: usize) -> Vec<bool> {
+    let pin = pinned(pos);
+    let n = ranking.len();
+    let tier = |i: usize| (pin[i] as u8) * 2 + prot[i] as u8;
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| {
+        tier(b)
+            .cmp(&tier(a))
+            .then(ranking[b].total_cmp(&ranking[a]))
+            .then(pos[b].cmp(&pos[a]))
+    });
+    let take = budget.max(pin.iter().filter(|&&x| x).count()).min(n);
+    let mut keep = vec![false; n];
+    for &i in &idx[..take] {
+        keep[i] = true;
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protected_covers_sinks_recent_and_pins() {
+        let pos = [0, 1, 2, 3, 10, 11, 12];
+        let p = protected(&pos, 2, 2);
+        assert_eq!(p, vec![true, true, false, false, false, true, true]);
+        assert_eq!(pinned(&pos), vec![true, false, false, false, false, false, true]);
+    }
+
+    #[test]
+    fn projection_respects_tiers_then_rank_then_newer() {
+        let pos = [0, 1, 2, 3, 4];
+        let prot = [true, false, false, false, true];
+        let rank = [0.0, 0.5, 0.5, 0.9, 0.0];
+        assert_eq!(project(&rank, &pos, &prot, 3), vec![true, false, false, true, true]);
+        assert_eq!(project(&rank, &pos, &prot, 4), vec![true, false, true, true, true]);
+        // a budget below the pinned cells still keeps them
+        assert_eq!(project(&rank, &pos, &prot, 0), vec![true, false, false, false, true]);
+    }
+
+    #[test]
+    fn unit_keep_takes_top_candidates() {
+        let pos = [0, 1, 2, 3];
+        let prot = [true, false, false, false];
+        assert_eq!(unit_keep(&[0.0, 0.2, 0.1, 0.2], &pos, &prot, 1), vec![true, false, false, true]);
+    }
+}

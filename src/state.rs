@@ -1,0 +1,148 @@
+//! Per-sequence memory of the library: recent query rows and carried scores, keyed by position so
+//! they survive cells disappearing for reasons the library did not decide (the application
+//! removed a range, the server rewound a slot).
+
+use std::collections::VecDeque;
+
+/// One captured query row: every layer's post-RoPE query for one token.
+#[derive(Debug, Clone)]
+pub struct QueryRow {
+    /// position of the token that produced the query
+    pub pos: i32,
+    /// `[n_layer][n_head * head_dim]`
+    pub data: Box<[f32]>,
+}
+
+/// Scores carried from one plan to the next (H2O's accumulated attention), aligned to `pos`.
+#[derive(Debug, Clone, Default)]
+pub struct Carry {
+    /// positions the scores belong to, ascending
+    pub pos: Vec<i32>,
+    /// `[n_unit][pos.len()]`
+    pub units: Vec<Vec<f32>>,
+}
+
+impl Carry {
+    /// Re-align onto the positions held now: scores of vanished positions are dropped, new
+    /// positions start at 0.
+    pub fn realign(&self, pos: &[i32]) -> Vec<Vec<f32>> {
+        self.units
+            .iter()
+            .map(|old| {
+                let mut out = vec![0.0; pos.len()];
+                let (mut i, mut j) = (0, 0);
+                while i < self.pos.len() && j < pos.len() {
+                    match self.pos[i].cmp(&pos[j]) {
+                        std::cmp::Ordering::Less => i += 1,
+                        std::cmp::Ordering::Greater => j += 1,
+                        std::cmp::Ordering::Equal => {
+                            out[j] = old[i];
+                            i += 1;
+                            j += 1;
+                        }
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+}
+
+/// What the last plan kept, for the finer granularities and for statistics.
+#[derive(Debug, Clone, Default)]
+pub struct LastPlan {
+    /// positions held when the plan ran
+    pub pos: Vec<i32>,
+    /// per (layer, kv head) keep flags over `pos`, `[n_layer * n_head_kv][pos.len()]`
+    pub unit_keep: Vec<Vec<bool>>,
+    /// tokens kept per layer (token granularity: the same for every layer)
+    pub layer_kept: Vec<u32>,
+}
+
+/// Everything the library remembers about one sequence.
+#[derive(Debug, Clone)]
+pub struct SeqState {
+    /// newest query rows, oldest first
+    pub ring: VecDeque<QueryRow>,
+    /// queries with `pos <= consumed` were already folded into `carry`
+    pub consumed: i32,
+    /// carried scores
+    pub carry: Option<Carry>,
+    /// tokens seen (highest position + 1) when the policy last ran
+    pub seen_at_last_run: i64,
+    /// highest position seen by the previous `due` call
+    pub last_max_pos: i32,
+    /// what the last plan kept
+    pub last: Option<LastPlan>,
+}
+
+impl Default for SeqState {
+    fn default() -> Self {
+        SeqState {
+            ring: VecDeque::new(),
+            consumed: -1,
+            carry: None,
+            seen_at_last_run: 0,
+            last_max_pos: -1,
+            last: None,
+        }
+    }
+}
+
+impl SeqState {
+
+    /// Append query rows; a position at or below the newest one means the sequence was rewound,
+    /// so rows from there on are dropped first.
+    pub fn push(&mut self, rows: Vec<QueryRow>, cap: usize) {
+        for row in rows {
+            while self.ring.back().is_some_and(|r| r.pos >= row.pos) {
+                self.ring.pop_back();
+            }
+            if self.consumed >= row.pos {
+                self.consumed = row.pos - 1;
+            }
+            self.ring.push_back(row);
+        }
+        while self.ring.len() > cap.max(1) {
+            self.ring.pop_front();
+        }
+    }
+
+    /// Forget what lies beyond `max_pos` (the sequence was truncated).
+    pub fn truncate_after(&mut self, max_pos: i32) {
+        while self.ring.back().is_some_and(|r| r.pos > max_pos) {
+            self.ring.pop_back();
+        }
+        self.consumed = self.consumed.min(max_pos);
+        if self.last_max_pos > max_pos {
+            self.last_max_pos = max_pos;
+        }
+        if self.seen_at_last_run > max_pos as i64 + 1 {
+            self.seen_at_last_run = max_pos as i64 + 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(pos: i32) -> QueryRow {
+        QueryRow { pos, data: vec![pos as f32].into_boxed_slice() }
+    }
+
+    #[test]
+    fn ring_keeps_newest_and_handles_rewind() {
+        let mut s = SeqState::default();
+        s.push((0..10).map(row).collect(), 4);
+        assert_eq!(s.ring.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+        s.push(vec![row(7)], 4);
+        assert_eq!(s.ring.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![6, 7]);
+    }
+
+    #[test]
+    fn carry_realigns_by_position() {
+        let c = Carry { pos: vec![1, 3, 5], units: vec![vec![10.0, 30.0, 50.0]] };
+        assert_eq!(c.realign(&[0, 3, 5, 6]), vec![vec![0.0, 30.0, 50.0, 0.0]]);
+    }
+}

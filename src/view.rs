@@ -1,0 +1,227 @@
+//! Borrowed views of what the engine hands over: the model shape, the cells of a sequence and
+//! the K rows of every layer. This is the only module that reads caller memory.
+
+use crate::error::{shape_err, Error, Result};
+
+/// Element type of a K buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    /// 32-bit float
+    F32,
+    /// IEEE half
+    F16,
+    /// bfloat16
+    Bf16,
+}
+
+impl Dtype {
+    /// Decode the C dtype code.
+    pub fn from_code(code: u32) -> Result<Self> {
+        match code {
+            0 => Ok(Dtype::F32),
+            1 => Ok(Dtype::F16),
+            2 => Ok(Dtype::Bf16),
+            other => Err(Error::UnsupportedDtype(other)),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Attention geometry of the model (one cache layer looks like every other).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shape {
+    /// cache layers
+    pub n_layer: usize,
+    /// query heads
+    pub n_head: usize,
+    /// KV heads; `n_head % n_head_kv == 0`
+    pub n_head_kv: usize,
+    /// K head size
+    pub head_dim: usize,
+    /// softmax scale applied to q·k
+    pub kq_scale: f32,
+}
+
+impl Shape {
+    /// Check the geometry; `kq_scale == 0` means `1/sqrt(head_dim)`.
+    pub fn new(
+        n_layer: usize,
+        n_head: usize,
+        n_head_kv: usize,
+        head_dim: usize,
+        kq_scale: f32,
+    ) -> Result<Self> {
+        if n_layer == 0 || n_head == 0 || n_head_kv == 0 || head_dim == 0 {
+            return Err(shape_err(format!(
+                "n_layer={n_layer}, n_head={n_head}, n_head_kv={n_head_kv}, head_dim={head_dim}: all must be > 0"
+            )));
+        }
+        if n_head % n_head_kv != 0 {
+            return Err(shape_err(format!(
+                "n_head={n_head} is not a multiple of n_head_kv={n_head_kv}"
+            )));
+        }
+        // bounds that keep every product below usize overflow and every buffer sane
+        if n_layer > 4096 || n_head > 4096 || head_dim > 8192 {
+            return Err(shape_err(format!(
+                "n_layer={n_layer}, n_head={n_head}, head_dim={head_dim}: implausibly large"
+            )));
+        }
+        if !kq_scale.is_finite() || kq_scale < 0.0 {
+            return Err(shape_err(format!("kq_scale={kq_scale} must be finite and >= 0")));
+        }
+        let kq_scale = if kq_scale == 0.0 { 1.0 / (head_dim as f32).sqrt() } else { kq_scale };
+        Ok(Shape { n_layer, n_head, n_head_kv, head_dim, kq_scale })
+    }
+
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.n_head / self.n_head_kv
+    }
+
+    /// Floats in one query row of one layer (all heads).
+    pub fn q_row_len(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+}
+
+/// K of one layer: row `r` starts at `base + r * row_stride`; KV head `g` of a row starts at
+/// element `g * head_dim`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyLayer {
+    /// start of row 0
+    pub base: *const u8,
+    /// bytes between rows
+    pub row_stride: usize,
+    /// element type
+    pub dtype: Dtype,
+}
+
+// SAFETY: a KeyLayer is a read-only view; the caller guarantees the memory stays valid and
+// unmodified for the duration of the call that carries it.
+unsafe impl Send for KeyLayer {}
+unsafe impl Sync for KeyLayer {}
+
+/// Host-memory K of every layer for the cells of one sequence.
+#[derive(Debug, Clone)]
+pub struct Keys<'a> {
+    /// one entry per layer
+    pub layers: Vec<KeyLayer>,
+    /// row index of each cell (same in every layer)
+    pub rows: &'a [u32],
+}
+
+impl Keys<'_> {
+    /// Check strides against the shape. Row indices are the caller's promise: they are not
+    /// bounds-checked here because the buffer length is not known.
+    pub fn validate(&self, shape: &Shape) -> Result<()> {
+        if self.layers.len() != shape.n_layer {
+            return Err(shape_err(format!(
+                "{} key layers given, shape has n_layer={}",
+                self.layers.len(),
+                shape.n_layer
+            )));
+        }
+        for (il, l) in self.layers.iter().enumerate() {
+            if l.base.is_null() {
+                return Err(Error::NullArgument("layers[].k"));
+            }
+            let need = shape.n_head_kv * shape.head_dim * l.dtype.size();
+            if l.row_stride < need {
+                return Err(shape_err(format!(
+                    "layer {il}: k_row_stride={} is smaller than one row ({need} bytes = n_head_kv*head_dim*{})",
+                    l.row_stride,
+                    l.dtype.size()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy KV head `g` of layer `il` for every cell into `out` as f32, row-major
+    /// `[n_cells][head_dim]`. Fails on NaN/Inf.
+    pub fn gather_head(&self, shape: &Shape, il: usize, g: usize, out: &mut Vec<f32>) -> Result<()> {
+        let d = shape.head_dim;
+        let layer = self.layers[il];
+        out.clear();
+        out.resize(self.rows.len() * d, 0.0);
+        let esz = layer.dtype.size();
+        for (i, &r) in self.rows.iter().enumerate() {
+            let dst = &mut out[i * d..(i + 1) * d];
+            // SAFETY: the caller promised `rows` index valid rows of `row_stride` bytes, each
+            // holding n_head_kv*head_dim elements (row_stride checked in validate()).
+            let src = unsafe { layer.base.add(r as usize * layer.row_stride + g * d * esz) };
+            match layer.dtype {
+                Dtype::F32 => {
+                    for (k, v) in dst.iter_mut().enumerate() {
+                        *v = unsafe { (src as *const f32).add(k).read_unaligned() };
+                    }
+                }
+                Dtype::F16 => {
+                    for (k, v) in dst.iter_mut().enumerate() {
+                        let bits = unsafe { (src as *const u16).add(k).read_unaligned() };
+                        *v = half::f16::from_bits(bits).to_f32();
+                    }
+                }
+                Dtype::Bf16 => {
+                    for (k, v) in dst.iter_mut().enumerate() {
+                        let bits = unsafe { (src as *const u16).add(k).read_unaligned() };
+                        *v = half::bf16::from_bits(bits).to_f32();
+                    }
+                }
+            }
+            if dst.iter().any(|v| !v.is_finite()) {
+                return Err(Error::NonFinite { what: "keys", layer: il, row: i });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Owned K for tests and the reference: `[n_layer][n_cells][n_head_kv*head_dim]` f32.
+#[derive(Debug, Clone)]
+pub struct OwnedKeys {
+    /// the values
+    pub data: Vec<f32>,
+    /// cells per layer
+    pub n_cells: usize,
+    /// row identity mapping
+    pub rows: Vec<u32>,
+}
+
+impl OwnedKeys {
+    /// Wrap a flat buffer.
+    pub fn new(shape: &Shape, n_cells: usize, data: Vec<f32>) -> Result<Self> {
+        let need = shape.n_layer * n_cells * shape.n_head_kv * shape.head_dim;
+        if data.len() != need {
+            return Err(shape_err(format!("keys: {} values, expected {need}", data.len())));
+        }
+        Ok(OwnedKeys { data, n_cells, rows: (0..n_cells as u32).collect() })
+    }
+
+    /// Borrow as [`Keys`].
+    pub fn view(&self, shape: &Shape) -> Keys<'_> {
+        let row = shape.n_head_kv * shape.head_dim;
+        let layers = (0..shape.n_layer)
+            .map(|il| KeyLayer {
+                base: self.data[il * self.n_cells * row..].as_ptr() as *const u8,
+                row_stride: row * 4,
+                dtype: Dtype::F32,
+            })
+            .collect();
+        Keys { layers, rows: &self.rows }
+    }
+
+    /// Element accessor (layer, cell, kv head, dim).
+    pub fn at(&self, shape: &Shape, il: usize, cell: usize, g: usize, k: usize) -> f32 {
+        let row = shape.n_head_kv * shape.head_dim;
+        self.data[il * self.n_cells * row + cell * row + g * shape.head_dim + k]
+    }
+}
