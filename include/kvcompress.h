@@ -313,8 +313,8 @@ void kvc_evictor_free(struct kvc_evictor *ev);
 const char *kvc_evictor_last_error(const struct kvc_evictor *ev);
 
 /*
- The policy and every resolved parameter ("dbudget sinks=4 threshold=0.01 ..."), valid until
- the handle is freed... copied into `buf` (NUL-terminated, truncated). Returns the full length.
+ The policy and every resolved parameter ("dbudget sinks=4 threshold=0.01 ..."), copied into
+ `buf` (NUL-terminated, truncated). Returns the full length (0 for a NULL handle).
 
  # Safety
  `ev` a live handle; `buf` writable for `len` bytes or NULL.

@@ -226,7 +226,8 @@ common_flags() {
     echo -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_EXAMPLES=ON
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_EXAMPLES=ON \
+        "-DCMAKE_PROJECT_llama.cpp_INCLUDE=$ROOT/tests/llama/kvc-run.cmake"
     if command -v ccache >/dev/null; then
         echo -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
     fi
@@ -258,7 +259,7 @@ cmd_build() {
     cmd_apply
     local t0=$SECONDS
     configure "$BIN_DIR" "$SRC" -DLLAMA_KVCOMPRESS=ON \
-        "-DKVCOMPRESS_INCLUDE_DIR=$inc" "-DKVCOMPRESS_LIBRARY=$KVC_LIB"
+        "-DKVCOMPRESS_INCLUDE_DIR=$inc" "-DKVCOMPRESS_LIBRARY=$KVC_LIB" -DKVC_RUN_PATCHED=ON
     cmake --build "$BIN_DIR" -j "$JOBS" --target "${TARGETS[@]}" kvc-run
     info "build/llama/bin ready in $((SECONDS - t0)) s"
 }
@@ -271,7 +272,7 @@ cmd_baseline() {
     fi
     local t0=$SECONDS
     configure "$BASE_DIR" "$BASE_SRC"
-    cmake --build "$BASE_DIR" -j "$JOBS" --target llama-completion llama-passkey llama-cli
+    cmake --build "$BASE_DIR" -j "$JOBS" --target llama-completion llama-passkey llama-cli kvc-run
     ln -sfn base/llama "$BUILD/llama-base"
     info "build/llama-base/bin ready in $((SECONDS - t0)) s"
 }

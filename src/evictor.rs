@@ -32,7 +32,11 @@ pub struct SeqInput<'a> {
 impl SeqInput<'_> {
     fn validate(&self) -> Result<()> {
         if self.cells.len() != self.pos.len() {
-            return Err(shape_err(format!("{} cells but {} positions", self.cells.len(), self.pos.len())));
+            return Err(shape_err(format!(
+                "{} cells but {} positions",
+                self.cells.len(),
+                self.pos.len()
+            )));
         }
         if let Some(i) = self.pos.windows(2).position(|w| w[0] >= w[1]) {
             return Err(shape_err(format!(
@@ -96,9 +100,17 @@ impl Evictor {
             #[cfg(feature = "cuda")]
             crate::backend::cuda::probe()?;
             #[cfg(not(feature = "cuda"))]
-            return Err(Error::CudaUnavailable("libkvcompress was built without the `cuda` feature".into()));
+            return Err(Error::CudaUnavailable(
+                "libkvcompress was built without the `cuda` feature".into(),
+            ));
         }
-        Ok(Evictor { shape, policy, par, backend, seqs: HashMap::new() })
+        Ok(Evictor {
+            shape,
+            policy,
+            par,
+            backend,
+            seqs: HashMap::new(),
+        })
     }
 
     /// The policy.
@@ -139,12 +151,18 @@ impl Evictor {
             )));
         }
         if let Some(i) = q_pos.windows(2).position(|w| w[0] >= w[1]) {
-            return Err(shape_err(format!("q_pos must be strictly ascending (index {i})")));
+            return Err(shape_err(format!(
+                "q_pos must be strictly ascending (index {i})"
+            )));
         }
         if let Some(bad) = q.iter().position(|v| !v.is_finite()) {
             let layer = bad / (n_q * row).max(1);
             let r = (bad % (n_q * row).max(1)) / row;
-            return Err(Error::NonFinite { what: "queries", layer, row: r });
+            return Err(Error::NonFinite {
+                what: "queries",
+                layer,
+                row: r,
+            });
         }
         if self.q_window() == 0 || n_q == 0 {
             return Ok(());
@@ -158,7 +176,10 @@ impl Evictor {
                     let off = (l * n_q + i) * row;
                     data.extend_from_slice(&q[off..off + row]);
                 }
-                QueryRow { pos: q_pos[i], data: data.into_boxed_slice() }
+                QueryRow {
+                    pos: q_pos[i],
+                    data: data.into_boxed_slice(),
+                }
             })
             .collect();
         let cap = self.ring_cap();
@@ -179,7 +200,12 @@ impl Evictor {
         if max_pos < st.last_max_pos {
             st.truncate_after(max_pos);
         }
-        let n_new = s.pos.iter().rev().take_while(|&&p| p > st.last_max_pos).count();
+        let n_new = s
+            .pos
+            .iter()
+            .rev()
+            .take_while(|&&p| p > st.last_max_pos)
+            .count();
         st.last_max_pos = max_pos;
         if s.max_cells > 0 && s.pos.len() > s.max_cells {
             return Ok(true);
@@ -196,18 +222,32 @@ impl Evictor {
         s.validate()?;
         let n = s.pos.len();
         let Some(scorer) = self.policy.scorer.as_deref() else {
-            return Ok(Plan { evict: Vec::new(), stats: Stats { n_cells: n, n_keep: n, budget: n, n_seen: s.n_seen(), ..Default::default() } });
+            return Ok(Plan {
+                evict: Vec::new(),
+                stats: Stats {
+                    n_cells: n,
+                    n_keep: n,
+                    budget: n,
+                    n_seen: s.n_seen(),
+                    ..Default::default()
+                },
+            });
         };
         let shape = self.shape;
         let keys = if scorer.needs_keys() {
             let k = keys.ok_or(Error::NullArgument("seq.layers"))?;
             if k.rows.len() != n {
-                return Err(shape_err(format!("{} key rows for {n} cells", k.rows.len())));
+                return Err(shape_err(format!(
+                    "{} key rows for {n} cells",
+                    k.rows.len()
+                )));
             }
             k.validate(&shape)?;
             if self.backend == Backend::Cuda {
                 #[cfg(feature = "cuda")]
-                return Err(Error::CudaUnavailable("device scoring is not available in this build".into()));
+                return Err(Error::CudaUnavailable(
+                    "device scoring is not available in this build".into(),
+                ));
             }
             Some(k)
         } else {
@@ -223,10 +263,18 @@ impl Evictor {
         let prot = select::protected(s.pos, self.policy.sinks, self.policy.window);
         let queries: Vec<&QueryRow> = match scorer.queries() {
             QuerySel::None => Vec::new(),
-            QuerySel::Last(k) => st.ring.iter().skip(st.ring.len().saturating_sub(k)).collect(),
+            QuerySel::Last(k) => st
+                .ring
+                .iter()
+                .skip(st.ring.len().saturating_sub(k))
+                .collect(),
             QuerySel::Unconsumed => st.ring.iter().filter(|r| r.pos > st.consumed).collect(),
         };
-        let carry: Option<Vec<Vec<f32>>> = if scorer.carries() { st.carry.as_ref().map(|c| c.realign(s.pos)) } else { None };
+        let carry: Option<Vec<Vec<f32>>> = if scorer.carries() {
+            st.carry.as_ref().map(|c| c.realign(s.pos))
+        } else {
+            None
+        };
         let n_units = shape.n_layer * shape.n_head_kv;
         let rule = self.policy.rule.as_ref();
         let results: Vec<Result<UnitOut>> = self.par.map(n_units, |u| {
@@ -254,7 +302,11 @@ impl Evictor {
             units.push(sc);
             evidence.push(ev.unwrap_or_default());
         }
-        let grid = ScoreGrid { n_layer: shape.n_layer, n_head_kv: shape.n_head_kv, units };
+        let grid = ScoreGrid {
+            n_layer: shape.n_layer,
+            n_head_kv: shape.n_head_kv,
+            units,
+        };
         let decision = rule.decide(&DecideCtx {
             shape: &shape,
             grid: &grid,
@@ -272,11 +324,17 @@ impl Evictor {
         let n_prot = prot.iter().filter(|&&p| p).count();
         let per_unit = target.saturating_sub(n_prot);
         let budgets = self.policy.allocator.allocate(&grid, &cand, per_unit);
-        let unit_keep: Vec<Vec<bool>> =
-            grid.units.iter().zip(&budgets).map(|(sc, &b)| select::unit_keep(sc, s.pos, &prot, b)).collect();
+        let unit_keep: Vec<Vec<bool>> = grid
+            .units
+            .iter()
+            .zip(&budgets)
+            .map(|(sc, &b)| select::unit_keep(sc, s.pos, &prot, b))
+            .collect();
         let keep = match self.policy.granularity {
             Granularity::Token => {
-                let ranking = decision.ranking.unwrap_or_else(|| select::votes_ranking(&unit_keep, &grid.token_mean()));
+                let ranking = decision
+                    .ranking
+                    .unwrap_or_else(|| select::votes_ranking(&unit_keep, &grid.token_mean()));
                 select::project(&ranking, s.pos, &prot, target)
             }
             // finer granularities free only what no unit keeps
@@ -292,29 +350,64 @@ impl Evictor {
             .map(|l| match self.policy.granularity {
                 Granularity::Token => keep.iter().filter(|&&k| k).count() as u32,
                 _ => (0..n)
-                    .filter(|&i| (0..shape.n_head_kv).any(|g| unit_keep[l * shape.n_head_kv + g][i]))
+                    .filter(|&i| {
+                        (0..shape.n_head_kv).any(|g| unit_keep[l * shape.n_head_kv + g][i])
+                    })
                     .count() as u32,
             })
             .collect();
         let evict: Vec<u32> = {
-            let mut e: Vec<u32> = s.cells.iter().zip(&keep).filter(|(_, &k)| !k).map(|(&c, _)| c).collect();
+            let mut e: Vec<u32> = s
+                .cells
+                .iter()
+                .zip(&keep)
+                .filter(|(_, &k)| !k)
+                .map(|(&c, _)| c)
+                .collect();
             e.sort_unstable();
             e
         };
         // remember
-        let kept_pos: Vec<i32> = s.pos.iter().zip(&keep).filter(|(_, &k)| k).map(|(&p, _)| p).collect();
+        let kept_pos: Vec<i32> = s
+            .pos
+            .iter()
+            .zip(&keep)
+            .filter(|(_, &k)| k)
+            .map(|(&p, _)| p)
+            .collect();
         if scorer.carries() {
             st.carry = Some(Carry {
                 pos: kept_pos.clone(),
-                units: grid.units.iter().map(|u| u.iter().zip(&keep).filter(|(_, &k)| k).map(|(&v, _)| v).collect()).collect(),
+                units: grid
+                    .units
+                    .iter()
+                    .map(|u| {
+                        u.iter()
+                            .zip(&keep)
+                            .filter(|(_, &k)| k)
+                            .map(|(&v, _)| v)
+                            .collect()
+                    })
+                    .collect(),
             });
             st.consumed = queries.last().map_or(st.consumed, |r| r.pos);
         }
         st.seen_at_last_run = n_seen as i64;
-        st.last = Some(LastPlan { pos: s.pos.to_vec(), unit_keep, layer_kept });
+        st.last = Some(LastPlan {
+            pos: s.pos.to_vec(),
+            unit_keep,
+            layer_kept,
+        });
         let n_keep = n - evict.len();
         Ok(Plan {
-            stats: Stats { ran: true, n_cells: n, n_keep, n_evict: evict.len(), budget: decision.budget, n_seen },
+            stats: Stats {
+                ran: true,
+                n_cells: n,
+                n_keep,
+                n_evict: evict.len(),
+                budget: decision.budget,
+                n_seen,
+            },
             evict,
         })
     }
@@ -326,11 +419,20 @@ impl Evictor {
 
     /// Cells kept per layer by the last plan of a sequence.
     pub fn layer_kept(&self, seq_id: i32) -> Option<&[u32]> {
-        self.seqs.get(&seq_id)?.last.as_ref().map(|l| l.layer_kept.as_slice())
+        self.seqs
+            .get(&seq_id)?
+            .last
+            .as_ref()
+            .map(|l| l.layer_kept.as_slice())
     }
 
     /// Keep flags of one (layer, KV head) from the last plan, over the positions it saw.
-    pub fn unit_keep(&self, seq_id: i32, layer: usize, kv_head: usize) -> Option<(&[i32], &[bool])> {
+    pub fn unit_keep(
+        &self,
+        seq_id: i32,
+        layer: usize,
+        kv_head: usize,
+    ) -> Option<(&[i32], &[bool])> {
         let last = self.seqs.get(&seq_id)?.last.as_ref()?;
         let u = last.unit_keep.get(layer * self.shape.n_head_kv + kv_head)?;
         Some((&last.pos, u))

@@ -8,7 +8,16 @@ use std::collections::BTreeMap;
 
 /// Every policy name `--kv-policy` accepts.
 pub const POLICY_NAMES: &[&str] = &[
-    "none", "streaming", "h2o", "snapkv", "tova", "knorm", "pyramidkv", "dynamickv", "adakv", "dbudget",
+    "none",
+    "streaming",
+    "h2o",
+    "snapkv",
+    "tova",
+    "knorm",
+    "pyramidkv",
+    "dynamickv",
+    "adakv",
+    "dbudget",
     "gvote",
 ];
 
@@ -38,14 +47,26 @@ const fn p(key: &'static str, default: &'static str, help: &'static str) -> Spec
 fn specs(name: &str) -> Vec<Spec> {
     let common = [
         p("sinks", "4", "oldest cells always kept (attention sinks)"),
-        p("interval", "32", "during decode, run again after this many new tokens (0 = prefill only)"),
+        p(
+            "interval",
+            "32",
+            "during decode, run again after this many new tokens (0 = prefill only)",
+        ),
         p("granularity", "token", "token | layer | head"),
     ];
     let fixed = [
-        p("ratio", "0.5", "fraction of the tokens seen to evict (0 <= ratio < 1)"),
+        p(
+            "ratio",
+            "0.5",
+            "fraction of the tokens seen to evict (0 <= ratio < 1)",
+        ),
         p("tokens", "", "cells to keep (overrides ratio)"),
     ];
-    let gqa = p("gqa", "mean", "reduce query heads of a GQA group: mean | max");
+    let gqa = p(
+        "gqa",
+        "mean",
+        "reduce query heads of a GQA group: mean | max",
+    );
     let mut v: Vec<Spec> = common.into_iter().collect();
     match name {
         "none" => return Vec::new(),
@@ -55,7 +76,14 @@ fn specs(name: &str) -> Vec<Spec> {
         }
         "h2o" => {
             v.extend(fixed);
-            v.extend([p("window", "32", "newest cells always kept; also query rows captured per call"), gqa]);
+            v.extend([
+                p(
+                    "window",
+                    "32",
+                    "newest cells always kept; also query rows captured per call",
+                ),
+                gqa,
+            ]);
         }
         "snapkv" | "pyramidkv" | "dynamickv" | "adakv" => {
             let (window, pooling) = match name {
@@ -65,17 +93,41 @@ fn specs(name: &str) -> Vec<Spec> {
             };
             v.extend(fixed);
             v.extend([
-                p("window", window, "observation window: newest queries scored against the cache, and kept"),
-                p("pool", "7", "pooling kernel along the sequence (odd; 1 = none)"),
+                p(
+                    "window",
+                    window,
+                    "observation window: newest queries scored against the cache, and kept",
+                ),
+                p(
+                    "pool",
+                    "7",
+                    "pooling kernel along the sequence (odd; 1 = none)",
+                ),
                 p("pooling", pooling, "max | avg"),
                 gqa,
             ]);
             match name {
-                "pyramidkv" => v.push(p("beta", "20", "pyramid steepness: last layer gets budget/beta")),
-                "dynamickv" => v.push(p("max_ratio", "10", "cap of a layer's budget, in multiples of the average")),
+                "pyramidkv" => v.push(p(
+                    "beta",
+                    "20",
+                    "pyramid steepness: last layer gets budget/beta",
+                )),
+                "dynamickv" => v.push(p(
+                    "max_ratio",
+                    "10",
+                    "cap of a layer's budget, in multiples of the average",
+                )),
                 "adakv" => {
-                    v.push(p("alpha", "0.2", "uniform floor of each head's share (0..1)"));
-                    v.push(p("layers", "uniform", "layer budgets under the head split: uniform | pyramid"));
+                    v.push(p(
+                        "alpha",
+                        "0.2",
+                        "uniform floor of each head's share (0..1)",
+                    ));
+                    v.push(p(
+                        "layers",
+                        "uniform",
+                        "layer budgets under the head split: uniform | pyramid",
+                    ));
                 }
                 _ => {}
             }
@@ -89,17 +141,37 @@ fn specs(name: &str) -> Vec<Spec> {
             v.push(p("window", "8", "newest cells always kept"));
         }
         "dbudget" => v.extend([
-            p("threshold", "0.01", "largest relative drop of the newest query's attention norm, per layer"),
-            p("window", "8", "observation window for the ranking, and newest cells kept"),
-            p("ranker", "window", "window (attention of the newest queries) | position (oldest first)"),
+            p(
+                "threshold",
+                "0.01",
+                "largest relative drop of the newest query's attention norm, per layer",
+            ),
+            p(
+                "window",
+                "8",
+                "observation window for the ranking, and newest cells kept",
+            ),
+            p(
+                "ranker",
+                "window",
+                "window (attention of the newest queries) | position (oldest first)",
+            ),
             gqa,
         ]),
         "gvote" => v.extend([
             p("p", "0.95", "nucleus mass each sampled query keeps"),
             p("samples", "8", "sampled future queries per head"),
-            p("quorum", "0", "fraction of (layer, KV head) units that must vote for a cell; 0 = union"),
+            p(
+                "quorum",
+                "0",
+                "fraction of (layer, KV head) units that must vote for a cell; 0 = union",
+            ),
             p("seed", "0", "sampler seed"),
-            p("window", "32", "query rows the Gaussian is fitted to, and newest cells kept"),
+            p(
+                "window",
+                "32",
+                "query rows the Gaussian is fitted to, and newest cells kept",
+            ),
         ]),
         _ => return Vec::new(),
     }
@@ -115,7 +187,11 @@ struct Values {
 
 impl Values {
     fn bad(&self, key: &str, why: impl Into<String>) -> Error {
-        Error::InvalidParamValue { name: key.to_string(), value: self.map[key].clone(), why: why.into() }
+        Error::InvalidParamValue {
+            name: key.to_string(),
+            value: self.map[key].clone(),
+            why: why.into(),
+        }
     }
 
     fn raw(&self, key: &str) -> &str {
@@ -134,7 +210,10 @@ impl Values {
     }
 
     fn f32(&self, key: &str, ok: impl Fn(f32) -> bool, range: &str) -> Result<f32> {
-        let v: f32 = self.raw(key).parse().map_err(|_| self.bad(key, format!("expected a number in {range}")))?;
+        let v: f32 = self
+            .raw(key)
+            .parse()
+            .map_err(|_| self.bad(key, format!("expected a number in {range}")))?;
         if !v.is_finite() || !ok(v) {
             return Err(self.bad(key, format!("expected a number in {range}")));
         }
@@ -164,7 +243,11 @@ impl Values {
             }
             return Ok(Fixed::Tokens(self.usize("tokens", 1, u32::MAX as usize)?));
         }
-        Ok(Fixed::Ratio(self.f32("ratio", |r| (0.0..1.0).contains(&r), "[0, 1)")?))
+        Ok(Fixed::Ratio(self.f32(
+            "ratio",
+            |r| (0.0..1.0).contains(&r),
+            "[0, 1)",
+        )?))
     }
 }
 
@@ -203,7 +286,11 @@ impl Policy {
             return Err(Error::UnknownPolicy(name.to_string()));
         };
         let specs = specs(name);
-        let mut values = Values { policy: name.to_string(), map: BTreeMap::new(), set: Vec::new() };
+        let mut values = Values {
+            policy: name.to_string(),
+            map: BTreeMap::new(),
+            set: Vec::new(),
+        };
         for s in &specs {
             values.map.insert(s.key, s.default.to_string());
         }
@@ -232,7 +319,12 @@ impl Policy {
     }
 
     fn build(name: &'static str, v: &Values) -> Result<Policy> {
-        let resolved = v.map.iter().filter(|(_, x)| !x.is_empty()).map(|(k, x)| (k.to_string(), x.clone())).collect();
+        let resolved = v
+            .map
+            .iter()
+            .filter(|(_, x)| !x.is_empty())
+            .map(|(k, x)| (k.to_string(), x.clone()))
+            .collect();
         if name == "none" {
             return Ok(Policy {
                 name,
@@ -262,55 +354,84 @@ impl Policy {
             Ok((k, v.choice("pooling", &["max", "avg"])? == "max"))
         };
         let obs_window = window.max(1);
-        let (scorer, rule, allocator): (Box<dyn Scorer>, Box<dyn BudgetRule>, Box<dyn Allocator>) = match name {
-            "streaming" => (Box::new(Position), Box::new(v.fixed()?), Box::new(Uniform)),
-            "h2o" => (Box::new(Accumulated { gqa: v.gqa()? }), Box::new(v.fixed()?), Box::new(Uniform)),
-            "tova" => (
-                Box::new(WindowAttention { window: 1, kernel: 1, max_pool: true, gqa: v.gqa()? }),
-                Box::new(v.fixed()?),
-                Box::new(Uniform),
-            ),
-            "knorm" => (Box::new(KeyNorm), Box::new(v.fixed()?), Box::new(Uniform)),
-            "snapkv" | "pyramidkv" | "dynamickv" | "adakv" => {
-                let (kernel, max_pool) = pool(v)?;
-                let scorer = WindowAttention { window: obs_window, kernel, max_pool, gqa: v.gqa()? };
-                let allocator: Box<dyn Allocator> = match name {
-                    "pyramidkv" => Box::new(Pyramid { beta: v.f32("beta", |b| b >= 1.0, "[1, inf)")? }),
-                    "dynamickv" => Box::new(Dynamic { max_ratio: v.f32("max_ratio", |r| r >= 1.0, "[1, inf)")? }),
-                    "adakv" => Box::new(Ada {
-                        alpha: v.f32("alpha", |a| (0.0..=1.0).contains(&a), "[0, 1]")?,
-                        layers: match v.choice("layers", &["uniform", "pyramid"])? {
-                            "pyramid" => Box::new(Pyramid { beta: 20.0 }),
-                            _ => Box::new(Uniform),
-                        },
+        let (scorer, rule, allocator): (Box<dyn Scorer>, Box<dyn BudgetRule>, Box<dyn Allocator>) =
+            match name {
+                "streaming" => (Box::new(Position), Box::new(v.fixed()?), Box::new(Uniform)),
+                "h2o" => (
+                    Box::new(Accumulated { gqa: v.gqa()? }),
+                    Box::new(v.fixed()?),
+                    Box::new(Uniform),
+                ),
+                "tova" => (
+                    Box::new(WindowAttention {
+                        window: 1,
+                        kernel: 1,
+                        max_pool: true,
+                        gqa: v.gqa()?,
                     }),
-                    _ => Box::new(Uniform),
-                };
-                (Box::new(scorer), Box::new(v.fixed()?), allocator)
-            }
-            "dbudget" => {
-                let scorer: Box<dyn Scorer> = match v.choice("ranker", &["window", "position"])? {
-                    "position" => Box::new(PositionWithQueries { window: obs_window }),
-                    _ => Box::new(WindowAttention { window: obs_window, kernel: 1, max_pool: true, gqa: v.gqa()? }),
-                };
-                let threshold = v.f32("threshold", |t| t > 0.0 && t < 1.0, "(0, 1)")?;
-                (scorer, Box::new(DBudget { threshold }), Box::new(Uniform))
-            }
-            "gvote" => {
-                let scorer = GVote {
-                    window: obs_window.max(2),
-                    p: v.f32("p", |p| p > 0.0 && p <= 1.0, "(0, 1]")?,
-                    samples: v.usize("samples", 0, 1024)?,
-                    seed: v
-                        .raw("seed")
-                        .parse::<u64>()
-                        .map_err(|_| v.bad("seed", "expected a non-negative integer"))?,
-                };
-                let quorum = v.f32("quorum", |q| (0.0..=1.0).contains(&q), "[0, 1]")?;
-                (Box::new(scorer), Box::new(Vote { quorum }), Box::new(Uniform))
-            }
-            _ => unreachable!("every name in POLICY_NAMES is handled"),
-        };
+                    Box::new(v.fixed()?),
+                    Box::new(Uniform),
+                ),
+                "knorm" => (Box::new(KeyNorm), Box::new(v.fixed()?), Box::new(Uniform)),
+                "snapkv" | "pyramidkv" | "dynamickv" | "adakv" => {
+                    let (kernel, max_pool) = pool(v)?;
+                    let scorer = WindowAttention {
+                        window: obs_window,
+                        kernel,
+                        max_pool,
+                        gqa: v.gqa()?,
+                    };
+                    let allocator: Box<dyn Allocator> = match name {
+                        "pyramidkv" => Box::new(Pyramid {
+                            beta: v.f32("beta", |b| b >= 1.0, "[1, inf)")?,
+                        }),
+                        "dynamickv" => Box::new(Dynamic {
+                            max_ratio: v.f32("max_ratio", |r| r >= 1.0, "[1, inf)")?,
+                        }),
+                        "adakv" => Box::new(Ada {
+                            alpha: v.f32("alpha", |a| (0.0..=1.0).contains(&a), "[0, 1]")?,
+                            layers: match v.choice("layers", &["uniform", "pyramid"])? {
+                                "pyramid" => Box::new(Pyramid { beta: 20.0 }),
+                                _ => Box::new(Uniform),
+                            },
+                        }),
+                        _ => Box::new(Uniform),
+                    };
+                    (Box::new(scorer), Box::new(v.fixed()?), allocator)
+                }
+                "dbudget" => {
+                    let scorer: Box<dyn Scorer> =
+                        match v.choice("ranker", &["window", "position"])? {
+                            "position" => Box::new(PositionWithQueries { window: obs_window }),
+                            _ => Box::new(WindowAttention {
+                                window: obs_window,
+                                kernel: 1,
+                                max_pool: true,
+                                gqa: v.gqa()?,
+                            }),
+                        };
+                    let threshold = v.f32("threshold", |t| t > 0.0 && t < 1.0, "(0, 1)")?;
+                    (scorer, Box::new(DBudget { threshold }), Box::new(Uniform))
+                }
+                "gvote" => {
+                    let scorer = GVote {
+                        window: obs_window.max(2),
+                        p: v.f32("p", |p| p > 0.0 && p <= 1.0, "(0, 1]")?,
+                        samples: v.usize("samples", 0, 1024)?,
+                        seed: v
+                            .raw("seed")
+                            .parse::<u64>()
+                            .map_err(|_| v.bad("seed", "expected a non-negative integer"))?,
+                    };
+                    let quorum = v.f32("quorum", |q| (0.0..=1.0).contains(&q), "[0, 1]")?;
+                    (
+                        Box::new(scorer),
+                        Box::new(Vote { quorum }),
+                        Box::new(Uniform),
+                    )
+                }
+                _ => unreachable!("every name in POLICY_NAMES is handled"),
+            };
         Ok(Policy {
             name,
             scorer: Some(scorer),
@@ -338,7 +459,13 @@ impl Policy {
         if !POLICY_NAMES.contains(&name) {
             return None;
         }
-        Some(specs(name).iter().map(|s| format!("{}={} ({})", s.key, s.default, s.help)).collect::<Vec<_>>().join("\n"))
+        Some(
+            specs(name)
+                .iter()
+                .map(|s| format!("{}={} ({})", s.key, s.default, s.help))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
     }
 }
 
@@ -372,13 +499,25 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        assert!(matches!(Policy::parse("nope", &[]), Err(Error::UnknownPolicy(_))));
+        assert!(matches!(
+            Policy::parse("nope", &[]),
+            Err(Error::UnknownPolicy(_))
+        ));
         let e = Policy::parse("snapkv", &["ratio=1.5"]).unwrap_err();
-        assert!(matches!(&e, Error::InvalidParamValue { name, .. } if name == "ratio"), "{e}");
+        assert!(
+            matches!(&e, Error::InvalidParamValue { name, .. } if name == "ratio"),
+            "{e}"
+        );
         let e = Policy::parse("snapkv", &["window=-3"]).unwrap_err();
-        assert!(matches!(&e, Error::InvalidParamValue { name, .. } if name == "window"), "{e}");
+        assert!(
+            matches!(&e, Error::InvalidParamValue { name, .. } if name == "window"),
+            "{e}"
+        );
         let e = Policy::parse("dbudget", &["ratio=0.5"]).unwrap_err();
-        assert!(matches!(&e, Error::UnknownParam { name, .. } if name == "ratio"), "{e}");
+        assert!(
+            matches!(&e, Error::UnknownParam { name, .. } if name == "ratio"),
+            "{e}"
+        );
         assert!(Policy::parse("snapkv", &["pool=4"]).is_err());
         assert!(Policy::parse("snapkv", &["ratio=0.5", "tokens=10"]).is_err());
         assert!(Policy::parse("snapkv", &["noequals"]).is_err());

@@ -14,7 +14,9 @@ pub fn protected(pos: &[i32], sinks: usize, recent: usize) -> Vec<bool> {
     let n = pos.len();
     let mut p = vec![false; n];
     p.iter_mut().take(sinks).for_each(|x| *x = true);
-    p.iter_mut().skip(n.saturating_sub(recent)).for_each(|x| *x = true);
+    p.iter_mut()
+        .skip(n.saturating_sub(recent))
+        .for_each(|x| *x = true);
     if let Some(first) = pos.iter().position(|&x| x == 0) {
         p[first] = true;
     }
@@ -50,7 +52,9 @@ pub fn unit_keep(score: &[f32], pos: &[i32], prot: &[bool], b: usize) -> Vec<boo
 pub fn votes_ranking(unit_keep: &[Vec<bool>], token_mean: &[f32]) -> Vec<f32> {
     let mut r: Vec<f32> = token_mean.iter().map(|m| m.clamp(0.0, 0.999)).collect();
     for k in unit_keep {
-        r.iter_mut().zip(k).for_each(|(x, &kept)| *x += kept as u8 as f32);
+        r.iter_mut()
+            .zip(k)
+            .for_each(|(x, &kept)| *x += kept as u8 as f32);
     }
     r
 }
@@ -85,7 +89,10 @@ mod tests {
         let pos = [0, 1, 2, 3, 10, 11, 12];
         let p = protected(&pos, 2, 2);
         assert_eq!(p, vec![true, true, false, false, false, true, true]);
-        assert_eq!(pinned(&pos), vec![true, false, false, false, false, false, true]);
+        assert_eq!(
+            pinned(&pos),
+            vec![true, false, false, false, false, false, true]
+        );
     }
 
     #[test]
@@ -93,16 +100,28 @@ mod tests {
         let pos = [0, 1, 2, 3, 4];
         let prot = [true, false, false, false, true];
         let rank = [0.0, 0.5, 0.5, 0.9, 0.0];
-        assert_eq!(project(&rank, &pos, &prot, 3), vec![true, false, false, true, true]);
-        assert_eq!(project(&rank, &pos, &prot, 4), vec![true, false, true, true, true]);
+        assert_eq!(
+            project(&rank, &pos, &prot, 3),
+            vec![true, false, false, true, true]
+        );
+        assert_eq!(
+            project(&rank, &pos, &prot, 4),
+            vec![true, false, true, true, true]
+        );
         // a budget below the pinned cells still keeps them
-        assert_eq!(project(&rank, &pos, &prot, 0), vec![true, false, false, false, true]);
+        assert_eq!(
+            project(&rank, &pos, &prot, 0),
+            vec![true, false, false, false, true]
+        );
     }
 
     #[test]
     fn unit_keep_takes_top_candidates() {
         let pos = [0, 1, 2, 3];
         let prot = [true, false, false, false];
-        assert_eq!(unit_keep(&[0.0, 0.2, 0.1, 0.2], &pos, &prot, 1), vec![true, false, false, true]);
+        assert_eq!(
+            unit_keep(&[0.0, 0.2, 0.1, 0.2], &pos, &prot, 1),
+            vec![true, false, false, true]
+        );
     }
 }

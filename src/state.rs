@@ -90,7 +90,6 @@ impl Default for SeqState {
 }
 
 impl SeqState {
-
     /// Append query rows; a position at or below the newest one means the sequence was rewound,
     /// so rows from there on are dropped first.
     pub fn push(&mut self, rows: Vec<QueryRow>, cap: usize) {
@@ -128,21 +127,30 @@ mod tests {
     use super::*;
 
     fn row(pos: i32) -> QueryRow {
-        QueryRow { pos, data: vec![pos as f32].into_boxed_slice() }
+        QueryRow {
+            pos,
+            data: vec![pos as f32].into_boxed_slice(),
+        }
     }
 
     #[test]
     fn ring_keeps_newest_and_handles_rewind() {
         let mut s = SeqState::default();
         s.push((0..10).map(row).collect(), 4);
-        assert_eq!(s.ring.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+        assert_eq!(
+            s.ring.iter().map(|r| r.pos).collect::<Vec<_>>(),
+            vec![6, 7, 8, 9]
+        );
         s.push(vec![row(7)], 4);
         assert_eq!(s.ring.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![6, 7]);
     }
 
     #[test]
     fn carry_realigns_by_position() {
-        let c = Carry { pos: vec![1, 3, 5], units: vec![vec![10.0, 30.0, 50.0]] };
+        let c = Carry {
+            pos: vec![1, 3, 5],
+            units: vec![vec![10.0, 30.0, 50.0]],
+        };
         assert_eq!(c.realign(&[0, 3, 5, 6]), vec![vec![0.0, 30.0, 50.0, 0.0]]);
     }
 }

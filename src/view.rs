@@ -75,10 +75,22 @@ impl Shape {
             )));
         }
         if !kq_scale.is_finite() || kq_scale < 0.0 {
-            return Err(shape_err(format!("kq_scale={kq_scale} must be finite and >= 0")));
+            return Err(shape_err(format!(
+                "kq_scale={kq_scale} must be finite and >= 0"
+            )));
         }
-        let kq_scale = if kq_scale == 0.0 { 1.0 / (head_dim as f32).sqrt() } else { kq_scale };
-        Ok(Shape { n_layer, n_head, n_head_kv, head_dim, kq_scale })
+        let kq_scale = if kq_scale == 0.0 {
+            1.0 / (head_dim as f32).sqrt()
+        } else {
+            kq_scale
+        };
+        Ok(Shape {
+            n_layer,
+            n_head,
+            n_head_kv,
+            head_dim,
+            kq_scale,
+        })
     }
 
     /// Query heads per KV head.
@@ -147,7 +159,13 @@ impl Keys<'_> {
 
     /// Copy KV head `g` of layer `il` for every cell into `out` as f32, row-major
     /// `[n_cells][head_dim]`. Fails on NaN/Inf.
-    pub fn gather_head(&self, shape: &Shape, il: usize, g: usize, out: &mut Vec<f32>) -> Result<()> {
+    pub fn gather_head(
+        &self,
+        shape: &Shape,
+        il: usize,
+        g: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let d = shape.head_dim;
         let layer = self.layers[il];
         out.clear();
@@ -178,7 +196,11 @@ impl Keys<'_> {
                 }
             }
             if dst.iter().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite { what: "keys", layer: il, row: i });
+                return Err(Error::NonFinite {
+                    what: "keys",
+                    layer: il,
+                    row: i,
+                });
             }
         }
         Ok(())
@@ -201,9 +223,16 @@ impl OwnedKeys {
     pub fn new(shape: &Shape, n_cells: usize, data: Vec<f32>) -> Result<Self> {
         let need = shape.n_layer * n_cells * shape.n_head_kv * shape.head_dim;
         if data.len() != need {
-            return Err(shape_err(format!("keys: {} values, expected {need}", data.len())));
+            return Err(shape_err(format!(
+                "keys: {} values, expected {need}",
+                data.len()
+            )));
         }
-        Ok(OwnedKeys { data, n_cells, rows: (0..n_cells as u32).collect() })
+        Ok(OwnedKeys {
+            data,
+            n_cells,
+            rows: (0..n_cells as u32).collect(),
+        })
     }
 
     /// Borrow as [`Keys`].
@@ -216,7 +245,10 @@ impl OwnedKeys {
                 dtype: Dtype::F32,
             })
             .collect();
-        Keys { layers, rows: &self.rows }
+        Keys {
+            layers,
+            rows: &self.rows,
+        }
     }
 
     /// Element accessor (layer, cell, kv head, dim).

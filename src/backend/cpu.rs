@@ -30,7 +30,14 @@ pub fn visible(key_pos: &[i32], qpos: i32) -> usize {
 
 /// `out[j] = softmax_j(scale * q·k_j)` over the first `n_vis` keys, 0 beyond.
 /// `keys` is row-major `[n][d]`. Returns false (and zeros) when no key is visible.
-pub fn softmax_row(q: &[f32], keys: &[f32], d: usize, n_vis: usize, scale: f32, out: &mut [f32]) -> bool {
+pub fn softmax_row(
+    q: &[f32],
+    keys: &[f32],
+    d: usize,
+    n_vis: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
     let n = out.len();
     debug_assert!(n_vis <= n && keys.len() >= n * d);
     out[n_vis..].iter_mut().for_each(|v| *v = 0.0);
@@ -83,7 +90,9 @@ pub fn mark_nucleus(probs: &[f32], p: f32, marks: &mut [bool], scratch: &mut Vec
     scratch.clear();
     scratch.extend((0..probs.len() as u32).filter(|&j| probs[j as usize] > 0.0));
     scratch.sort_unstable_by(|&a, &b| {
-        probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b))
+        probs[b as usize]
+            .total_cmp(&probs[a as usize])
+            .then(a.cmp(&b))
     });
     let mut mass = 0.0f32;
     let mut n = 0;

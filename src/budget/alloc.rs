@@ -16,7 +16,10 @@ impl Allocator for Uniform {
 
 /// Expand one budget per layer to its KV heads (equal share).
 fn per_layer_to_units(layer: &[usize], n_head_kv: usize) -> Vec<usize> {
-    layer.iter().flat_map(|&b| std::iter::repeat_n(b, n_head_kv)).collect()
+    layer
+        .iter()
+        .flat_map(|&b| std::iter::repeat_n(b, n_head_kv))
+        .collect()
 }
 
 /// PyramidKV: budgets shrink linearly with depth; the first layer gets `2B - B/beta`, the last
@@ -37,8 +40,14 @@ impl Pyramid {
             max = n_cand as f64;
             min = 2.0 * b - max;
         }
-        let step = if n_layer > 1 { (max - min) / (n_layer - 1) as f64 } else { 0.0 };
-        let mut v: Vec<usize> = (0..n_layer).map(|l| (max - l as f64 * step).round().max(0.0) as usize).collect();
+        let step = if n_layer > 1 {
+            (max - min) / (n_layer - 1) as f64
+        } else {
+            0.0
+        };
+        let mut v: Vec<usize> = (0..n_layer)
+            .map(|l| (max - l as f64 * step).round().max(0.0) as usize)
+            .collect();
         let prio: Vec<f32> = (0..n_layer).map(|l| -(l as f32)).collect();
         fix_sum(&mut v, b as usize * n_layer, n_cand, &prio);
         v
@@ -48,7 +57,10 @@ impl Pyramid {
 impl Allocator for Pyramid {
     fn allocate(&self, grid: &ScoreGrid, cand: &[bool], per_unit: usize) -> Vec<usize> {
         let n_cand = cand.iter().filter(|&&c| c).count();
-        per_layer_to_units(&self.layer_budgets(grid.n_layer, per_unit, n_cand), grid.n_head_kv)
+        per_layer_to_units(
+            &self.layer_budgets(grid.n_layer, per_unit, n_cand),
+            grid.n_head_kv,
+        )
     }
 }
 
@@ -91,7 +103,9 @@ impl Allocator for Dynamic {
             .map(|l| {
                 let mut acc = vec![0.0f32; grid.n()];
                 for g in 0..grid.n_head_kv {
-                    acc.iter_mut().zip(&norm[l * grid.n_head_kv + g]).for_each(|(a, v)| *a += v);
+                    acc.iter_mut()
+                        .zip(&norm[l * grid.n_head_kv + g])
+                        .for_each(|(a, v)| *a += v);
                 }
                 acc
             })
@@ -101,7 +115,13 @@ impl Allocator for Dynamic {
         let cap = ((self.max_ratio as f64 * b as f64).floor() as usize).clamp(b, n_cand.max(b));
         let mut v: Vec<usize> = counts
             .iter()
-            .map(|&c| if total == 0 { b } else { (c as f64 * (b * nl) as f64 / total as f64).floor() as usize })
+            .map(|&c| {
+                if total == 0 {
+                    b
+                } else {
+                    (c as f64 * (b * nl) as f64 / total as f64).floor() as usize
+                }
+            })
             .collect();
         let prio: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
         fix_sum(&mut v, b * nl, cap.min(n_cand), &prio);

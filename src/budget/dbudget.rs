@@ -30,7 +30,11 @@ impl BudgetRule for DBudget {
             if !u.attend(u.q(newest, h), newest.pos, &mut row) {
                 row.iter_mut().for_each(|v| *v = 0.0);
             }
-            out.extend(row.iter().zip(u.protected).map(|(a, &p)| if p { 0.0 } else { a * a }));
+            out.extend(
+                row.iter()
+                    .zip(u.protected)
+                    .map(|(a, &p)| if p { 0.0 } else { a * a }),
+            );
         }
         Some(out)
     }
@@ -41,13 +45,30 @@ impl BudgetRule for DBudget {
         let order = eviction_order(&ranking, c.pos, c.protected);
         // no queries seen yet: nothing to measure against, keep everything
         if c.evidence.iter().any(|e| e.is_empty()) {
-            return Decision { budget: n, ranking: Some(ranking) };
+            return Decision {
+                budget: n,
+                ranking: Some(ranking),
+            };
         }
-        let drops = walk_drops(c.shape.n_layer, c.shape.n_head_kv, c.shape.group(), n, c.evidence, &order);
+        let drops = walk_drops(
+            c.shape.n_layer,
+            c.shape.n_head_kv,
+            c.shape.group(),
+            n,
+            c.evidence,
+            &order,
+        );
         // drops[i] = worst layer drop after evicting order[..i]; pick the largest i within T
         let t = self.threshold as f64;
-        let cut = drops.iter().take_while(|&&d| d <= t).count().saturating_sub(1);
-        Decision { budget: n - cut, ranking: Some(ranking) }
+        let cut = drops
+            .iter()
+            .take_while(|&&d| d <= t)
+            .count()
+            .saturating_sub(1);
+        Decision {
+            budget: n - cut,
+            ranking: Some(ranking),
+        }
     }
 
     fn adaptive(&self) -> bool {
@@ -80,11 +101,18 @@ pub fn walk_drops(
         for g in 0..n_head_kv {
             let e = &evidence[l * n_head_kv + g];
             for j in 0..group {
-                s[l * heads + g * group + j] = e[j * n..(j + 1) * n].iter().map(|&v| v as f64).sum();
+                s[l * heads + g * group + j] =
+                    e[j * n..(j + 1) * n].iter().map(|&v| v as f64).sum();
             }
         }
     }
-    let kept = |s: &[f64], l: usize| s[l * heads..(l + 1) * heads].iter().map(|v| v.max(0.0).sqrt()).sum::<f64>() / heads as f64;
+    let kept = |s: &[f64], l: usize| {
+        s[l * heads..(l + 1) * heads]
+            .iter()
+            .map(|v| v.max(0.0).sqrt())
+            .sum::<f64>()
+            / heads as f64
+    };
     let base: Vec<f64> = (0..n_layer).map(|l| kept(&s, l)).collect();
     let mut out = Vec::with_capacity(order.len() + 1);
     out.push(0.0);

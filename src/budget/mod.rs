@@ -69,7 +69,10 @@ impl BudgetRule for Fixed {
             Fixed::Ratio(r) => ((1.0 - r as f64) * c.n_seen as f64).ceil() as usize,
             Fixed::Tokens(t) => t,
         };
-        Decision { budget: want.min(c.pos.len()), ranking: None }
+        Decision {
+            budget: want.min(c.pos.len()),
+            ranking: None,
+        }
     }
 }
 
@@ -87,7 +90,9 @@ impl Vote {
     pub fn tally(grid: &ScoreGrid) -> Vec<u32> {
         let mut v = vec![0u32; grid.n()];
         for u in &grid.units {
-            v.iter_mut().zip(u).for_each(|(t, s)| *t += (*s > 0.0) as u32);
+            v.iter_mut()
+                .zip(u)
+                .for_each(|(t, s)| *t += (*s > 0.0) as u32);
         }
         v
     }
@@ -103,10 +108,21 @@ impl BudgetRule for Vote {
         let tally = Self::tally(c.grid);
         let need = self.min_votes(c.grid.units.len());
         let mean = c.grid.token_mean();
-        let budget = tally.iter().zip(c.protected).filter(|(&v, &p)| p || v >= need).count();
+        let budget = tally
+            .iter()
+            .zip(c.protected)
+            .filter(|(&v, &p)| p || v >= need)
+            .count();
         // rank by votes, then by mean vote share
-        let ranking = tally.iter().zip(&mean).map(|(&v, &m)| v as f32 + m.min(0.999)).collect();
-        Decision { budget, ranking: Some(ranking) }
+        let ranking = tally
+            .iter()
+            .zip(&mean)
+            .map(|(&v, &m)| v as f32 + m.min(0.999))
+            .collect();
+        Decision {
+            budget,
+            ranking: Some(ranking),
+        }
     }
     fn adaptive(&self) -> bool {
         true
@@ -145,7 +161,9 @@ pub(crate) fn fix_sum(v: &mut [usize], target: usize, cap: usize, prio: &[f32]) 
         }
     }
     while sum > target {
-        let i = (0..v.len()).max_by(|&a, &b| v[a].cmp(&v[b]).then(b.cmp(&a))).unwrap_or(0);
+        let i = (0..v.len())
+            .max_by(|&a, &b| v[a].cmp(&v[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
         v[i] -= 1;
         sum -= 1;
     }

@@ -42,7 +42,9 @@ pub unsafe fn slice<'a, T>(ptr: *const T, n: usize, name: &'static str) -> Resul
         return Err(Error::NullArgument(name));
     }
     if n > (isize::MAX as usize) / std::mem::size_of::<T>().max(1) {
-        return Err(Error::InvalidShape(format!("`{name}`: length {n} is too large")));
+        return Err(Error::InvalidShape(format!(
+            "`{name}`: length {n} is too large"
+        )));
     }
     Ok(std::slice::from_raw_parts(ptr, n))
 }
@@ -55,15 +57,24 @@ pub unsafe fn c_str<'a>(ptr: *const c_char, name: &'static str) -> Result<&'a st
     if ptr.is_null() {
         return Err(Error::NullArgument(name));
     }
-    CStr::from_ptr(ptr).to_str().map_err(|_| Error::InvalidUtf8(name))
+    CStr::from_ptr(ptr)
+        .to_str()
+        .map_err(|_| Error::InvalidUtf8(name))
 }
 
 /// Borrow an array of `n` C strings (`name=value` overrides).
 ///
 /// # Safety
 /// `kv` must point to `n` valid NUL-terminated strings (or be NULL with `n == 0`).
-pub unsafe fn c_str_array<'a>(kv: *const *const c_char, n: usize, name: &'static str) -> Result<Vec<&'a str>> {
-    slice(kv, n, name)?.iter().map(|&p| c_str(p, name)).collect()
+pub unsafe fn c_str_array<'a>(
+    kv: *const *const c_char,
+    n: usize,
+    name: &'static str,
+) -> Result<Vec<&'a str>> {
+    slice(kv, n, name)?
+        .iter()
+        .map(|&p| c_str(p, name))
+        .collect()
 }
 
 /// Copy `msg` into a caller buffer, truncated and NUL-terminated. NULL or 0-length: nothing.

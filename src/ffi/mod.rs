@@ -172,7 +172,10 @@ impl kvc_evictor {
 }
 
 /// Run `f` on a handle, recording failures on it.
-fn with_evictor(ev: *mut kvc_evictor, f: impl FnOnce(&mut kvc_evictor) -> Result<()>) -> kvc_status {
+fn with_evictor(
+    ev: *mut kvc_evictor,
+    f: impl FnOnce(&mut kvc_evictor) -> Result<()>,
+) -> kvc_status {
     if ev.is_null() {
         return KVC_STATUS_NULL_ARGUMENT;
     }
@@ -228,7 +231,10 @@ pub unsafe extern "C" fn kvc_evictor_init(
             }
             let p = *params;
             if p.abi_version != KVC_ABI_VERSION {
-                return Err(Error::AbiMismatch { caller: p.abi_version, library: KVC_ABI_VERSION });
+                return Err(Error::AbiMismatch {
+                    caller: p.abi_version,
+                    library: KVC_ABI_VERSION,
+                });
             }
             let shape = Shape::new(
                 p.n_layer as usize,
@@ -241,8 +247,16 @@ pub unsafe extern "C" fn kvc_evictor_init(
             let name = c_str(policy, "policy")?;
             let overrides = c_str_array(kv, n_kv, "kv")?;
             let policy = Policy::parse(name, &overrides)?;
-            let inner = Evictor::new(shape, policy, Parallelism::new(p.n_threads as usize), backend)?;
-            let handle = Box::new(kvc_evictor { inner, last_error: RefCell::new(CString::default()) });
+            let inner = Evictor::new(
+                shape,
+                policy,
+                Parallelism::new(p.n_threads as usize),
+                backend,
+            )?;
+            let handle = Box::new(kvc_evictor {
+                inner,
+                last_error: RefCell::new(CString::default()),
+            });
             *out = Box::into_raw(handle);
             write_msg(err, err_len, "");
             Ok(())
@@ -272,7 +286,9 @@ pub unsafe extern "C" fn kvc_evictor_last_error(ev: *const kvc_evictor) -> *cons
     if ev.is_null() {
         return c"NULL evictor".as_ptr();
     }
-    guard_value(c"internal panic".as_ptr(), || (*ev).last_error.borrow().as_ptr())
+    guard_value(c"internal panic".as_ptr(), || {
+        (*ev).last_error.borrow().as_ptr()
+    })
 }
 
 /// The policy and every resolved parameter ("dbudget sinks=4 threshold=0.01 ..."), copied into
@@ -281,7 +297,11 @@ pub unsafe extern "C" fn kvc_evictor_last_error(ev: *const kvc_evictor) -> *cons
 /// # Safety
 /// `ev` a live handle; `buf` writable for `len` bytes or NULL.
 #[no_mangle]
-pub unsafe extern "C" fn kvc_evictor_describe(ev: *const kvc_evictor, buf: *mut c_char, len: usize) -> usize {
+pub unsafe extern "C" fn kvc_evictor_describe(
+    ev: *const kvc_evictor,
+    buf: *mut c_char,
+    len: usize,
+) -> usize {
     if ev.is_null() {
         return 0;
     }
@@ -332,7 +352,9 @@ pub unsafe extern "C" fn kvc_evictor_push_queries(
 }
 
 /// Borrow a sequence view.
-unsafe fn seq_input<'a>(seq: *const kvc_seq_view) -> Result<(SeqInput<'a>, &'a [u32], *const kvc_layer_view)> {
+unsafe fn seq_input<'a>(
+    seq: *const kvc_seq_view,
+) -> Result<(SeqInput<'a>, &'a [u32], *const kvc_layer_view)> {
     if seq.is_null() {
         return Err(Error::NullArgument("seq"));
     }
@@ -340,7 +362,11 @@ unsafe fn seq_input<'a>(seq: *const kvc_seq_view) -> Result<(SeqInput<'a>, &'a [
     let n = s.n_cells as usize;
     let cells = slice(s.cells, n, "seq.cells")?;
     let pos = slice(s.pos, n, "seq.pos")?;
-    let rows = if s.k_rows.is_null() { cells } else { slice(s.k_rows, n, "seq.k_rows")? };
+    let rows = if s.k_rows.is_null() {
+        cells
+    } else {
+        slice(s.k_rows, n, "seq.k_rows")?
+    };
     let input = SeqInput {
         seq_id: s.seq_id,
         cells,
@@ -357,7 +383,11 @@ unsafe fn seq_input<'a>(seq: *const kvc_seq_view) -> Result<(SeqInput<'a>, &'a [
 /// # Safety
 /// `seq` points to a valid view; `due` is writable.
 #[no_mangle]
-pub unsafe extern "C" fn kvc_evictor_due(ev: *mut kvc_evictor, seq: *const kvc_seq_view, due: *mut bool) -> kvc_status {
+pub unsafe extern "C" fn kvc_evictor_due(
+    ev: *mut kvc_evictor,
+    seq: *const kvc_seq_view,
+    due: *mut bool,
+) -> kvc_status {
     with_evictor(ev, |h| {
         if due.is_null() {
             return Err(Error::NullArgument("due"));
@@ -401,13 +431,20 @@ pub unsafe extern "C" fn kvc_evictor_plan(
                 } else if v.k.is_null() {
                     return Err(Error::NullArgument("seq.layers[].k"));
                 }
-                out.push(KeyLayer { base: v.k as *const u8, row_stride: v.k_row_stride as usize, dtype });
+                out.push(KeyLayer {
+                    base: v.k as *const u8,
+                    row_stride: v.k_row_stride as usize,
+                    dtype,
+                });
             }
             Some(Keys { layers: out, rows })
         };
         let plan = h.inner.plan(&input, keys.as_ref())?;
         if plan.evict.len() > evict_cap {
-            return Err(Error::BufferTooSmall { need: plan.evict.len(), got: evict_cap });
+            return Err(Error::BufferTooSmall {
+                need: plan.evict.len(),
+                got: evict_cap,
+            });
         }
         if !plan.evict.is_empty() {
             if evict.is_null() {
@@ -463,7 +500,10 @@ pub unsafe extern "C" fn kvc_evictor_layer_kept(
             .layer_kept(seq_id)
             .ok_or_else(|| Error::InvalidShape(format!("sequence {seq_id} has no plan yet")))?;
         if n_layer < kept.len() {
-            return Err(Error::BufferTooSmall { need: kept.len(), got: n_layer });
+            return Err(Error::BufferTooSmall {
+                need: kept.len(),
+                got: n_layer,
+            });
         }
         std::ptr::copy_nonoverlapping(kept.as_ptr(), counts, kept.len());
         Ok(())
@@ -488,11 +528,19 @@ pub unsafe extern "C" fn kvc_evictor_keep_mask(
         if mask.is_null() {
             return Err(Error::NullArgument("mask"));
         }
-        let (pos, keep) = h.inner.unit_keep(seq_id, layer as usize, kv_head as usize).ok_or_else(|| {
-            Error::InvalidShape(format!("no plan for sequence {seq_id}, layer {layer}, KV head {kv_head}"))
-        })?;
+        let (pos, keep) = h
+            .inner
+            .unit_keep(seq_id, layer as usize, kv_head as usize)
+            .ok_or_else(|| {
+                Error::InvalidShape(format!(
+                    "no plan for sequence {seq_id}, layer {layer}, KV head {kv_head}"
+                ))
+            })?;
         if n != pos.len() {
-            return Err(Error::InvalidShape(format!("mask has {n} entries, the last plan saw {} cells", pos.len())));
+            return Err(Error::InvalidShape(format!(
+                "mask has {n} entries, the last plan saw {} cells",
+                pos.len()
+            )));
         }
         for (i, &k) in keep.iter().enumerate() {
             *mask.add(i) = k as u8;
@@ -530,7 +578,11 @@ static POLICY_LIST: std::sync::OnceLock<CString> = std::sync::OnceLock::new();
 /// Comma-separated policy names ("none,streaming,..."). Static.
 #[no_mangle]
 pub extern "C" fn kvc_policy_names() -> *const c_char {
-    guard_value(c"".as_ptr(), || POLICY_LIST.get_or_init(|| CString::new(POLICY_NAMES.join(",")).unwrap_or_default()).as_ptr())
+    guard_value(c"".as_ptr(), || {
+        POLICY_LIST
+            .get_or_init(|| CString::new(POLICY_NAMES.join(",")).unwrap_or_default())
+            .as_ptr()
+    })
 }
 
 /// Static text for a status code.
@@ -558,7 +610,9 @@ pub extern "C" fn kvc_status_str(status: kvc_status) -> *const c_char {
 /// Library version, e.g. "0.1.0". Static.
 #[no_mangle]
 pub extern "C" fn kvc_version() -> *const c_char {
-    static V: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+    static V: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(
+        concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes(),
+    ) {
         Ok(v) => v,
         Err(_) => c"unknown",
     };

@@ -76,7 +76,10 @@ impl Scorer for GVote {
             marks.iter_mut().for_each(|m| *m = false);
             if cpu::softmax_row(q, u.keys, d, n, u.shape.kq_scale, &mut probs) {
                 cpu::mark_nucleus(&probs, self.p, &mut marks, &mut scratch);
-                votes.iter_mut().zip(&marks).for_each(|(v, &m)| *v += m as u32);
+                votes
+                    .iter_mut()
+                    .zip(&marks)
+                    .for_each(|(v, &m)| *v += m as u32);
             }
         };
         for h in u.heads() {
@@ -87,11 +90,16 @@ impl Scorer for GVote {
             let rows = u.queries.len() as f32;
             let mut mean = vec![0.0f32; d];
             for r in u.queries {
-                mean.iter_mut().zip(u.q(r, h)).for_each(|(m, v)| *m += v / rows);
+                mean.iter_mut()
+                    .zip(u.q(r, h))
+                    .for_each(|(m, v)| *m += v / rows);
             }
             let mut std = vec![0.0f32; d];
             for r in u.queries {
-                std.iter_mut().zip(u.q(r, h)).zip(&mean).for_each(|((s, v), m)| *s += (v - m) * (v - m) / rows);
+                std.iter_mut()
+                    .zip(u.q(r, h))
+                    .zip(&mean)
+                    .for_each(|((s, v), m)| *s += (v - m) * (v - m) / rows);
             }
             std.iter_mut().for_each(|s| *s = s.sqrt());
             let mut rng = Rng::new(self.stream_seed(u.layer, h));
@@ -104,7 +112,10 @@ impl Scorer for GVote {
                 ballots += 1;
             }
         }
-        votes.iter().map(|&v| v as f32 / ballots.max(1) as f32).collect()
+        votes
+            .iter()
+            .map(|&v| v as f32 / ballots.max(1) as f32)
+            .collect()
     }
 }
 
@@ -117,9 +128,15 @@ mod tests {
         let mut a = Rng::new(7);
         let mut b = Rng::new(7);
         let xs: Vec<f32> = (0..4000).map(|_| a.normal()).collect();
-        assert!(xs.iter().zip((0..4000).map(|_| b.normal())).all(|(x, y)| *x == y));
+        assert!(xs
+            .iter()
+            .zip((0..4000).map(|_| b.normal()))
+            .all(|(x, y)| *x == y));
         let mean = xs.iter().sum::<f32>() / xs.len() as f32;
         let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / xs.len() as f32;
-        assert!(mean.abs() < 0.1 && (var - 1.0).abs() < 0.1, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.1 && (var - 1.0).abs() < 0.1,
+            "mean {mean} var {var}"
+        );
     }
 }

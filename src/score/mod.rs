@@ -102,7 +102,14 @@ impl UnitCtx<'_> {
     /// Attention row of query head `h` of `row` over the held keys (causal), into `out`.
     pub fn attend(&self, q: &[f32], qpos: i32, out: &mut [f32]) -> bool {
         let n_vis = cpu::visible(self.pos, qpos);
-        cpu::softmax_row(q, self.keys, self.shape.head_dim, n_vis, self.shape.kq_scale, out)
+        cpu::softmax_row(
+            q,
+            self.keys,
+            self.shape.head_dim,
+            n_vis,
+            self.shape.kq_scale,
+            out,
+        )
     }
 
     /// Per query head of the group: the attention mass each cell receives from `rows`, summed.

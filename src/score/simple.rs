@@ -30,6 +30,9 @@ impl Scorer for KeyNorm {
     }
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
         let d = u.shape.head_dim;
-        u.keys.chunks_exact(d).map(|k| -k.iter().map(|v| v * v).sum::<f32>().sqrt()).collect()
+        u.keys
+            .chunks_exact(d)
+            .map(|k| -k.iter().map(|v| v * v).sum::<f32>().sqrt())
+            .collect()
     }
 }

@@ -1,0 +1,284 @@
+// kvc-run: test harness for the kvcompress llama.cpp patch.
+//
+// Loads a model with the common parameters (so --kv-policy, --kv-policy-param, -c, -b, -ctk, -fa ...
+// all work), prefills the prompt (-f FILE or -p TEXT) in -b chunks, decodes -n tokens greedily and
+// prints one JSON line:
+//   {"policy", "n_prompt", "answer", "cells_held", "cells_evicted", "kv_bytes_held", "prefill_ms", "decode_ms", "seqs": [...]}
+//
+// Own options (taken out before the common parser sees the arguments):
+//   --kvc-prompt2 FILE   a second prompt, run as sequence 1 in the same context (use -np 2)
+//   --kvc-logits FILE    append the logits of every sampled step (f32, n_vocab each) to FILE
+//
+// Built in two flavours: with the patch (KVC_RUN_PATCHED) and against an unpatched llama.cpp
+// (no --kv-policy; used to check that `--kv-policy none` changes nothing).
+
+#include "arg.h"
+#include "common.h"
+#include "log.h"
+#include "llama.h"
+#ifdef KVC_RUN_PATCHED
+#include "kv-policy.h"
+#endif
+
+#include <cinttypes>
+#include <clocale>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+static std::string json_escape(const std::string & s) {
+    std::string res;
+    for (unsigned char c : s) {
+        switch (c) {
+            case '"':  res += "\\\""; break;
+            case '\\': res += "\\\\"; break;
+            case '\n': res += "\\n";  break;
+            case '\r': res += "\\r";  break;
+            case '\t': res += "\\t";  break;
+            default:
+                if (c < 0x20) {
+                    char buf[8];
+                    snprintf(buf, sizeof(buf), "\\u%04x", c);
+                    res += buf;
+                } else {
+                    res += (char) c;
+                }
+        }
+    }
+    return res;
+}
+
+static bool read_file(const std::string & path, std::string & out) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+        return false;
+    }
+    std::stringstream ss;
+    ss << f.rdbuf();
+    out = ss.str();
+    return true;
+}
+
+struct seq_run {
+    llama_seq_id             id;
+    std::vector<llama_token> prompt;
+    std::vector<llama_token> answer;
+    llama_pos                n_past = 0;
+    int32_t                  i_logits = -1; // batch index of the logits to sample from
+    bool                     done = false;
+};
+
+int main(int argc, char ** argv) {
+    std::setlocale(LC_NUMERIC, "C");
+
+    std::string prompt2_path;
+    std::string logits_path;
+
+    std::vector<char *> args;
+    for (int i = 0; i < argc; ++i) {
+        if (i + 1 < argc && strcmp(argv[i], "--kvc-prompt2") == 0) {
+            prompt2_path = argv[++i];
+        } else if (i + 1 < argc && strcmp(argv[i], "--kvc-logits") == 0) {
+            logits_path = argv[++i];
+        } else {
+            args.push_back(argv[i]);
+        }
+    }
+
+    common_params params;
+    params.n_predict = 16;
+    params.sampling.temp = 0.0f;
+
+    common_init();
+
+    if (!common_params_parse((int) args.size(), args.data(), params, LLAMA_EXAMPLE_COMPLETION)) {
+        return 1;
+    }
+
+    if (!prompt2_path.empty() && params.n_parallel < 2) {
+        params.n_parallel = 2;
+    }
+
+    llama_backend_init();
+    llama_numa_init(params.numa);
+
+    auto llama_init = common_init_from_params(params);
+
+    llama_model   * model = llama_init->model();
+    llama_context * ctx   = llama_init->context();
+
+    if (model == nullptr || ctx == nullptr) {
+        LOG_ERR("%s: failed to load the model or create the context\n", __func__);
+        return 1;
+    }
+
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+
+    std::vector<seq_run> seqs;
+    {
+        seq_run s;
+        s.id     = 0;
+        s.prompt = common_tokenize(ctx, params.prompt, true, true);
+        seqs.push_back(s);
+    }
+    if (!prompt2_path.empty()) {
+        std::string text;
+        if (!read_file(prompt2_path, text)) {
+            LOG_ERR("%s: cannot read %s\n", __func__, prompt2_path.c_str());
+            return 1;
+        }
+        seq_run s;
+        s.id     = 1;
+        s.prompt = common_tokenize(ctx, text, true, true);
+        seqs.push_back(s);
+    }
+
+    FILE * f_logits = nullptr;
+    if (!logits_path.empty()) {
+        f_logits = fopen(logits_path.c_str(), "ab");
+        if (!f_logits) {
+            LOG_ERR("%s: cannot open %s\n", __func__, logits_path.c_str());
+            return 1;
+        }
+    }
+
+    const int32_t n_batch = llama_n_batch(ctx);
+
+    common_batch batch(ctx);
+
+    // prefill: every sequence in chunks of n_batch, one decode call per chunk
+    const int64_t t_prefill_start = ggml_time_us();
+    for (auto & s : seqs) {
+        const int32_t n = (int32_t) s.prompt.size();
+        for (int32_t i = 0; i < n; i += n_batch) {
+            batch.clear();
+            const int32_t n_cur = std::min(n_batch, n - i);
+            for (int32_t j = 0; j < n_cur; ++j) {
+                batch.add(s.prompt[i + j], s.n_past++, s.id, i + j == n - 1);
+            }
+            if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
+                LOG_ERR("%s: decode failed at prompt token %d of seq %d (cache full?)\n", __func__, i, s.id);
+                return 1;
+            }
+        }
+
+        // sample the first token of this sequence right away: later prefills overwrite the logits
+        const float * logits = llama_get_logits_ith(ctx, -1);
+        if (f_logits) {
+            fwrite(logits, sizeof(float), n_vocab, f_logits);
+        }
+        llama_token best = 0;
+        for (int32_t t = 1; t < n_vocab; ++t) {
+            if (logits[t] > logits[best]) {
+                best = t;
+            }
+        }
+        s.answer.push_back(best);
+        s.done = llama_vocab_is_eog(vocab, best) || params.n_predict <= 1;
+    }
+    const int64_t t_prefill_end = ggml_time_us();
+
+    // greedy decode, all sequences in one batch per step
+    int32_t n_decoded = 0;
+    while (true) {
+        batch.clear();
+        for (auto & s : seqs) {
+            s.i_logits = -1;
+            if (s.done) {
+                continue;
+            }
+            s.i_logits = batch.add(s.answer.back(), s.n_past++, s.id, true);
+        }
+        if (batch.size() == 0) {
+            break;
+        }
+        if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
+            LOG_ERR("%s: decode failed at step %d\n", __func__, n_decoded);
+            return 1;
+        }
+        n_decoded++;
+        for (auto & s : seqs) {
+            if (s.i_logits < 0) {
+                continue;
+            }
+            const float * logits = llama_get_logits_ith(ctx, s.i_logits);
+            if (f_logits) {
+                fwrite(logits, sizeof(float), n_vocab, f_logits);
+            }
+            llama_token best = 0;
+            for (int32_t t = 1; t < n_vocab; ++t) {
+                if (logits[t] > logits[best]) {
+                    best = t;
+                }
+            }
+            s.answer.push_back(best);
+            s.done = llama_vocab_is_eog(vocab, best) || (int32_t) s.answer.size() >= params.n_predict;
+        }
+    }
+    const int64_t t_decode_end = ggml_time_us();
+
+    if (f_logits) {
+        fclose(f_logits);
+    }
+
+    // bytes of one cell in every layer (K + V)
+    const int32_t n_layer   = llama_model_n_layer(model);
+    const int32_t n_head    = llama_model_n_head(model);
+    const int32_t n_head_kv = llama_model_n_head_kv(model);
+    const int64_t n_embd_gqa = (int64_t) llama_model_n_embd(model)/std::max(1, n_head)*n_head_kv;
+    const size_t  cell_bytes = (size_t) n_layer*(ggml_row_size(params.cache_type_k, n_embd_gqa) +
+                                                 ggml_row_size(params.cache_type_v, n_embd_gqa));
+
+    std::string policy = "none";
+#ifdef KVC_RUN_PATCHED
+    policy = params.kv_policy;
+#endif
+
+    std::string out_seqs;
+    std::string answer0;
+    int64_t total_held    = 0;
+    uint64_t total_evicted = 0;
+    for (auto & s : seqs) {
+        std::string answer;
+        for (size_t i = 0; i < s.answer.size(); ++i) {
+            if (llama_vocab_is_eog(vocab, s.answer[i])) {
+                break;
+            }
+            answer += common_token_to_piece(ctx, s.answer[i]);
+        }
+
+        int32_t  held    = llama_memory_seq_pos_max(llama_get_memory(ctx), s.id) + 1;
+        uint64_t evicted = 0;
+#ifdef KVC_RUN_PATCHED
+        const auto st = common_kv_policy_get_stats(ctx, s.id);
+        held    = st.n_held;
+        evicted = st.n_evicted;
+#endif
+        total_held    += held;
+        total_evicted += evicted;
+
+        char buf[256];
+        snprintf(buf, sizeof(buf), "%s{\"seq\": %d, \"n_prompt\": %zu, \"cells_held\": %d, \"cells_evicted\": %" PRIu64 ", \"answer\": \"",
+                out_seqs.empty() ? "" : ", ", s.id, s.prompt.size(), held, evicted);
+        out_seqs += buf;
+        out_seqs += json_escape(answer) + "\"}";
+
+        if (s.id == 0) {
+            answer0 = answer;
+        }
+    }
+
+    printf("{\"policy\": \"%s\", \"n_prompt\": %zu, \"answer\": \"%s\", \"cells_held\": %" PRId64 ", \"cells_evicted\": %" PRIu64
+           ", \"kv_bytes_held\": %" PRId64 ", \"prefill_ms\": %.1f, \"decode_ms\": %.1f, \"n_decoded\": %d, \"n_ctx\": %u, \"seqs\": [%s]}\n",
+           json_escape(policy).c_str(), seqs[0].prompt.size(), json_escape(answer0).c_str(),
+           total_held, total_evicted, (int64_t) (total_held*cell_bytes),
+           (t_prefill_end - t_prefill_start)/1000.0, (t_decode_end - t_prefill_end)/1000.0, n_decoded,
+           llama_n_ctx(ctx), out_seqs.c_str());
+    fflush(stdout);
+
+    return 0;
+}
