@@ -281,7 +281,7 @@ impl Evictor {
             let (layer, kv_head) = (u / shape.n_head_kv, u % shape.n_head_kv);
             let mut buf = Vec::new();
             if let Some(k) = keys {
-                k.gather_head(&shape, layer, kv_head, &mut buf)?;
+                k.gather_head_t(&shape, layer, kv_head, &mut buf)?;
             }
             let ctx = UnitCtx {
                 shape: &shape,

@@ -157,9 +157,9 @@ impl Keys<'_> {
         Ok(())
     }
 
-    /// Copy KV head `g` of layer `il` for every cell into `out` as f32, row-major
-    /// `[n_cells][head_dim]`. Fails on NaN/Inf.
-    pub fn gather_head(
+    /// Copy KV head `g` of layer `il` for every cell into `out` as f32, transposed
+    /// `[head_dim][n_cells]` (the layout the CPU kernels stream over). Fails on NaN/Inf.
+    pub fn gather_head_t(
         &self,
         shape: &Shape,
         il: usize,
@@ -167,40 +167,61 @@ impl Keys<'_> {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let d = shape.head_dim;
+        let n = self.rows.len();
         let layer = self.layers[il];
         out.clear();
-        out.resize(self.rows.len() * d, 0.0);
+        out.resize(n * d, 0.0);
         let esz = layer.dtype.size();
-        for (i, &r) in self.rows.iter().enumerate() {
-            let dst = &mut out[i * d..(i + 1) * d];
-            // SAFETY: the caller promised `rows` index valid rows of `row_stride` bytes, each
-            // holding n_head_kv*head_dim elements (row_stride checked in validate()).
-            let src = unsafe { layer.base.add(r as usize * layer.row_stride + g * d * esz) };
-            match layer.dtype {
-                Dtype::F32 => {
-                    for (k, v) in dst.iter_mut().enumerate() {
-                        *v = unsafe { (src as *const f32).add(k).read_unaligned() };
+        // rows are converted into a small row-major tile, then written out transposed a tile
+        // at a time, so each store is a contiguous run instead of a stride-n scatter
+        const TILE: usize = 16;
+        let mut tile = vec![0.0f32; TILE * d];
+        let mut bits = vec![0u16; d];
+        for t0 in (0..n).step_by(TILE) {
+            let rows = &self.rows[t0..(t0 + TILE).min(n)];
+            for (ti, &r) in rows.iter().enumerate() {
+                let row = &mut tile[ti * d..(ti + 1) * d];
+                // SAFETY: the caller promised `rows` index valid rows of `row_stride` bytes,
+                // each holding n_head_kv*head_dim elements (row_stride checked in validate()).
+                let src = unsafe { layer.base.add(r as usize * layer.row_stride + g * d * esz) };
+                match layer.dtype {
+                    Dtype::F32 => unsafe {
+                        std::ptr::copy_nonoverlapping(src, row.as_mut_ptr() as *mut u8, d * 4);
+                    },
+                    Dtype::F16 | Dtype::Bf16 => {
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(src, bits.as_mut_ptr() as *mut u8, d * 2)
+                        };
+                        if layer.dtype == Dtype::F16 {
+                            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                                half::slice::HalfBitsSliceExt::reinterpret_cast::<half::f16>(
+                                    bits.as_slice(),
+                                ),
+                                row,
+                            );
+                        } else {
+                            half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                                half::slice::HalfBitsSliceExt::reinterpret_cast::<half::bf16>(
+                                    bits.as_slice(),
+                                ),
+                                row,
+                            );
+                        }
                     }
                 }
-                Dtype::F16 => {
-                    for (k, v) in dst.iter_mut().enumerate() {
-                        let bits = unsafe { (src as *const u16).add(k).read_unaligned() };
-                        *v = half::f16::from_bits(bits).to_f32();
-                    }
-                }
-                Dtype::Bf16 => {
-                    for (k, v) in dst.iter_mut().enumerate() {
-                        let bits = unsafe { (src as *const u16).add(k).read_unaligned() };
-                        *v = half::bf16::from_bits(bits).to_f32();
-                    }
+                if row.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite {
+                        what: "keys",
+                        layer: il,
+                        row: t0 + ti,
+                    });
                 }
             }
-            if dst.iter().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite {
-                    what: "keys",
-                    layer: il,
-                    row: i,
-                });
+            for c in 0..d {
+                let dst = &mut out[c * n + t0..c * n + t0 + rows.len()];
+                for (ti, v) in dst.iter_mut().enumerate() {
+                    *v = tile[ti * d + c];
+                }
             }
         }
         Ok(())

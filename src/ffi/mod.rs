@@ -180,13 +180,15 @@ fn with_evictor(
         return KVC_STATUS_NULL_ARGUMENT;
     }
     // SAFETY: non-NULL handles come from kvc_evictor_init and are not shared across threads.
+    // One `&mut` only: the error is recorded after the closure (and its borrow) has ended.
     let h = unsafe { &mut *ev };
-    let on_err = |e: &Error| h.set_error(e);
-    let h2 = unsafe { &mut *ev };
-    guard(on_err, || {
-        *h2.last_error.borrow_mut() = CString::default();
-        f(h2)
-    })
+    *h.last_error.borrow_mut() = CString::default();
+    let mut failure = None;
+    let status = guard(|e| failure = Some(e.clone()), || f(&mut *h));
+    if let Some(e) = failure {
+        h.set_error(&e);
+    }
+    status
 }
 
 /// Defaults: the caller's ABI version, CPU backend, all cores, shape zeroed (must be set).
@@ -527,6 +529,13 @@ pub unsafe extern "C" fn kvc_evictor_keep_mask(
     with_evictor(ev, |h| {
         if mask.is_null() {
             return Err(Error::NullArgument("mask"));
+        }
+        let shape = *h.inner.shape();
+        if layer as usize >= shape.n_layer || kv_head as usize >= shape.n_head_kv {
+            return Err(Error::InvalidShape(format!(
+                "layer {layer}, KV head {kv_head} out of range (n_layer={}, n_head_kv={})",
+                shape.n_layer, shape.n_head_kv
+            )));
         }
         let (pos, keep) = h
             .inner

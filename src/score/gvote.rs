@@ -74,7 +74,7 @@ impl Scorer for GVote {
         };
         let mut cast = |q: &[f32], votes: &mut [u32]| {
             marks.iter_mut().for_each(|m| *m = false);
-            if cpu::softmax_row(q, u.keys, d, n, u.shape.kq_scale, &mut probs) {
+            if u.attend(q, i32::MAX, &mut probs) {
                 cpu::mark_nucleus(&probs, self.p, &mut marks, &mut scratch);
                 votes
                     .iter_mut()

@@ -68,7 +68,7 @@ pub struct UnitCtx<'a> {
     pub layer: usize,
     /// KV head index
     pub kv_head: usize,
-    /// this head's keys for every held cell, `[n][head_dim]` f32, ascending position
+    /// this head's keys for every held cell, transposed `[head_dim][n]` f32, ascending position
     pub keys: &'a [f32],
     /// positions of the held cells, ascending
     pub pos: &'a [i32],
