@@ -1,0 +1,79 @@
+"""Shared helpers for the llama.cpp end-to-end tests (python3 stdlib only)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.environ.get("KVC_LLAMA_BIN", os.path.join(ROOT, "build", "llama", "bin"))
+BASE_BIN = os.environ.get("KVC_LLAMA_BASE_BIN", os.path.join(ROOT, "build", "base", "llama", "bin"))
+MODEL = os.environ.get("KVC_MODEL", os.path.expanduser("~/.cache/kvcompress/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+TMP = os.environ.get("KVC_TMP", os.path.join(ROOT, "build", "test-llama"))
+THREADS = os.environ.get("KVC_THREADS", "1")
+
+PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+          "I will quiz you about the important information there.")
+JUNK = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+SUFFIX = " What is the pass key? The pass key is"
+
+
+def passkey_prompt(key, n_junk, pos):
+    """The prompt of llama.cpp's examples/passkey: n_junk filler sentences, the key before filler number pos."""
+    s = PREFIX
+    for i in range(n_junk):
+        if i == pos:
+            s += " The pass key is %d. Remember it. %d is the pass key." % (key, key)
+        s += JUNK
+    return s + SUFFIX
+
+
+def write_prompt(name, text):
+    os.makedirs(TMP, exist_ok=True)
+    path = os.path.join(TMP, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def run(args, bin_dir=None, check=True, env=None):
+    """Run a binary from build/llama/bin; returns CompletedProcess."""
+    exe = os.path.join(bin_dir or BIN, args[0])
+    cmd = [exe] + [str(a) for a in args[1:]]
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+    if check and p.returncode != 0:
+        sys.stderr.write(p.stderr[-3000:])
+        raise RuntimeError("%s failed (rc %d)" % (" ".join(cmd), p.returncode))
+    return p
+
+
+def kvc_run(prompt_file, *extra, bin_dir=None, check=True):
+    """Run kvc-run and return its JSON line as a dict (or the CompletedProcess if check=False and it failed)."""
+    args = ["kvc-run", "-m", MODEL, "-f", prompt_file, "-t", THREADS, "--no-warmup"] + list(extra)
+    p = run(args, bin_dir=bin_dir, check=check)
+    if p.returncode != 0:
+        return p
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError("kvc-run printed no JSON:\n" + p.stdout + p.stderr[-2000:])
+
+
+class Checks:
+    def __init__(self, name):
+        self.name = name
+        self.failed = []
+
+    def check(self, ok, what):
+        print("  %s: %s" % ("ok  " if ok else "FAIL", what), flush=True)
+        if not ok:
+            self.failed.append(what)
+
+    def done(self):
+        if self.failed:
+            print("FAIL %s (%d failed)" % (self.name, len(self.failed)))
+            sys.exit(1)
+        print("PASS %s" % self.name)
+        sys.exit(0)
