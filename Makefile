@@ -1,0 +1,122 @@
+# kvcompress: build, test, benchmark, and the llama.cpp integration.
+#
+#   make            cargo build --release, then check that include/kvcompress.h is up to date
+#   make demo       build everything, run SmolLM2 with an adaptive policy, show what it saved
+#   make test       everything CI runs (.ci/run): fmt, clippy, cargo tests (C ABI and header
+#                   included), valgrind on the C ABI test, the llama.cpp end-to-end tests
+#   make header     regenerate include/kvcompress.h with the pinned cbindgen
+#   make bench      plan-time benchmark -> results/bench-plan.json (BENCH_QUICK=1: smoke run)
+#   make llama      fetch, patch and build the pinned llama.cpp (scripts/llama.sh all)
+#   make deps       install what a fresh Debian machine needs (idempotent)
+#   make valgrind   the C ABI test under valgrind
+#   make clean      remove target/ and build/ (downloads stay in ~/.cache/kvcompress)
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := all
+
+CARGO      ?= cargo
+CC         ?= cc
+PYTHON     ?= python3
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+LIB_A      := $(TARGET_DIR)/release/libkvcompress.a
+C_OUT      := $(TARGET_DIR)/c
+C_FLAGS    := -std=c11 -Wall -Wextra -Werror -pedantic -g -O1
+C_LIBS     := -lpthread -ldl -lm
+
+.PHONY: all build header header-check test fmt-check clippy cargo-test valgrind test-llama \
+        bench llama demo deps clean help
+
+all: build header-check
+
+help:
+	@sed -n '3,13p' Makefile | sed 's/^# \{0,1\}//'
+
+build:
+	$(CARGO) build --release
+
+# examples/gen_header.rs writes include/kvcompress.h (cbindgen pinned in Cargo.toml)
+header:
+	$(CARGO) run --release --quiet --example gen_header
+	@echo "include/kvcompress.h regenerated"
+
+# tests/header.rs: the committed header equals what cbindgen generates, version macros match
+header-check:
+	$(CARGO) test --release --quiet --test header
+
+test: fmt-check clippy cargo-test build valgrind test-llama
+	@echo "make test: all passed"
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+# unit tests, property tests, tests/c_abi.rs (C + C++ against the static library, with
+# ASan/UBSan when available) and tests/header.rs
+cargo-test:
+	$(CARGO) test --release
+
+# the C ABI program without sanitizers, under valgrind (skipped with a notice if valgrind is
+# missing; `make deps` installs it, and CI always has it)
+valgrind: build
+	@if ! command -v valgrind >/dev/null 2>&1; then \
+	  echo "valgrind: NOT INSTALLED, skipped (run 'make deps')"; exit 0; fi; \
+	mkdir -p $(C_OUT); \
+	$(CC) $(C_FLAGS) -Iinclude tests/c/abi_test.c $(LIB_A) $(C_LIBS) -o $(C_OUT)/abi_test-vg; \
+	valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=definite \
+	  --errors-for-leak-kinds=definite \
+	  --track-origins=yes $(C_OUT)/abi_test-vg
+
+# end-to-end tests against the patched llama.cpp (tests/llama/run-all.sh). When the script
+# exists it must run and pass; its absence is reported loudly, never skipped in silence.
+test-llama: build
+	@if [ -f tests/llama/run-all.sh ]; then \
+	  bash tests/llama/run-all.sh; \
+	else \
+	  echo "!!! test-llama: tests/llama/run-all.sh does not exist: llama.cpp end-to-end tests NOT RUN" >&2; \
+	fi
+
+bench:
+	$(CARGO) bench --bench plan
+
+llama: build
+	bash scripts/llama.sh all
+
+demo:
+	@if [ -f scripts/demo.sh ]; then bash scripts/demo.sh; \
+	else echo "make demo: scripts/demo.sh does not exist yet" >&2; exit 1; fi
+
+# Idempotent and quiet when everything is there: apt packages (ccache, valgrind, a C/C++
+# compiler, pkg-config), rustfmt + clippy, and the Python build tools llama.cpp's sdist needs.
+deps:
+	@need=""; \
+	for t in ccache:ccache valgrind:valgrind cc:build-essential c++:build-essential \
+	         git:git curl:curl; do \
+	  command -v "$${t%%:*}" >/dev/null 2>&1 || need="$$need $${t#*:}"; \
+	done; \
+	need="$$(echo $$need | tr ' ' '\n' | sort -u | tr '\n' ' ')"; \
+	if [ -n "$${need// /}" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	  echo "deps: apt-get install $$need"; \
+	  $$sudo apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
+	fi
+	@if command -v rustup >/dev/null 2>&1; then \
+	  for c in rustfmt clippy; do \
+	    rustup component list --installed 2>/dev/null | grep -q "^$$c" || rustup component add $$c; \
+	  done; \
+	fi
+	@pip_need=""; \
+	command -v cmake >/dev/null 2>&1 || pip_need="$$pip_need cmake"; \
+	command -v ninja >/dev/null 2>&1 || pip_need="$$pip_need ninja"; \
+	$(PYTHON) -c 'import scikit_build_core' 2>/dev/null || pip_need="$$pip_need scikit-build-core"; \
+	if [ -n "$$pip_need" ]; then \
+	  echo "deps: pip install$$pip_need"; \
+	  $(PYTHON) -m pip install -q $$pip_need; \
+	fi
+
+clean:
+	$(CARGO) clean
+	rm -rf build
