@@ -23,6 +23,13 @@ pub struct Carry {
 }
 
 impl Carry {
+    /// Forget the scores of positions above `max_pos`.
+    pub fn truncate_after(&mut self, max_pos: i32) {
+        let keep = self.pos.partition_point(|&p| p <= max_pos);
+        self.pos.truncate(keep);
+        self.units.iter_mut().for_each(|u| u.truncate(keep));
+    }
+
     /// Re-align onto the positions held now: scores of vanished positions are dropped, new
     /// positions start at 0.
     pub fn realign(&self, pos: &[i32]) -> Vec<Vec<f32>> {
@@ -100,6 +107,11 @@ impl SeqState {
             if self.consumed >= row.pos {
                 self.consumed = row.pos - 1;
             }
+            // a row at or below a position already carried means the sequence was rewound and
+            // is being decoded again: scores of the old timeline from there on are void
+            if let Some(c) = &mut self.carry {
+                c.truncate_after(row.pos - 1);
+            }
             self.ring.push_back(row);
         }
         while self.ring.len() > cap.max(1) {
@@ -113,6 +125,9 @@ impl SeqState {
             self.ring.pop_back();
         }
         self.consumed = self.consumed.min(max_pos);
+        if let Some(c) = &mut self.carry {
+            c.truncate_after(max_pos);
+        }
         if self.last_max_pos > max_pos {
             self.last_max_pos = max_pos;
         }

@@ -66,7 +66,7 @@ pub enum Fixed {
 impl BudgetRule for Fixed {
     fn decide(&self, c: &DecideCtx) -> Decision {
         let want = match *self {
-            Fixed::Ratio(r) => ((1.0 - r as f64) * c.n_seen as f64).ceil() as usize,
+            Fixed::Ratio(r) => keep_for_ratio(r, c.n_seen),
             Fixed::Tokens(t) => t,
         };
         Decision {
@@ -74,6 +74,18 @@ impl BudgetRule for Fixed {
             ranking: None,
         }
     }
+}
+
+/// Cells kept when a fraction `r` of `n_seen` tokens is evicted: `ceil((1 - r) * n_seen)`.
+///
+/// `r` comes from a decimal string through f32, which is inexact (0.7 is 0.699999988), and a
+/// plain `ceil` then keeps one cell too many (4 of 10 at 0.7). The ratio is taken back to the
+/// shortest decimal that reads as the same f32, and the product is computed in f64 with a tiny
+/// tolerance for the f64 rounding of that decimal.
+pub fn keep_for_ratio(r: f32, n_seen: usize) -> usize {
+    let r: f64 = format!("{r}").parse().unwrap_or(r as f64);
+    let keep = (1.0 - r) * n_seen as f64;
+    (keep - 1e-9 * keep.max(1.0)).ceil().max(0.0) as usize
 }
 
 /// GVote's budget: every cell that at least `min_votes` units voted for (a unit votes for a

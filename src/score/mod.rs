@@ -99,31 +99,45 @@ impl UnitCtx<'_> {
         &row.data[off..off + d]
     }
 
+    /// The unit's keys as the CPU kernels read them (transposed, `[head_dim][n]`).
+    pub fn keys_t(&self) -> cpu::KeysT<'_> {
+        cpu::KeysT {
+            data: self.keys,
+            n: self.n(),
+            d: self.shape.head_dim,
+        }
+    }
+
     /// Attention row of query head `h` of `row` over the held keys (causal), into `out`.
+    /// Returns false (and zeros) when no key is visible.
     pub fn attend(&self, q: &[f32], qpos: i32, out: &mut [f32]) -> bool {
         let n_vis = cpu::visible(self.pos, qpos);
-        cpu::softmax_row(
-            q,
-            self.keys,
-            self.shape.head_dim,
-            n_vis,
+        if n_vis == 0 {
+            out.iter_mut().for_each(|v| *v = 0.0);
+            return false;
+        }
+        cpu::attention_rows(
+            &[(q, n_vis)],
+            self.keys_t(),
             self.shape.kq_scale,
-            out,
-        )
+            |_, row| out.copy_from_slice(row),
+        );
+        true
     }
 
     /// Per query head of the group: the attention mass each cell receives from `rows`, summed.
     pub fn received(&self, rows: &[&QueryRow]) -> Vec<Vec<f32>> {
         let n = self.n();
-        let mut row_buf = vec![0.0f32; n];
         self.heads()
             .map(|h| {
                 let mut acc = vec![0.0f32; n];
-                for r in rows {
-                    if self.attend(self.q(r, h), r.pos, &mut row_buf) {
-                        acc.iter_mut().zip(&row_buf).for_each(|(a, p)| *a += p);
-                    }
-                }
+                let qs: Vec<(&[f32], usize)> = rows
+                    .iter()
+                    .map(|r| (self.q(r, h), cpu::visible(self.pos, r.pos)))
+                    .collect();
+                cpu::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, |_, row| {
+                    acc.iter_mut().zip(row).for_each(|(a, p)| *a += p)
+                });
                 acc
             })
             .collect()

@@ -29,10 +29,12 @@ impl Scorer for KeyNorm {
         QuerySel::None
     }
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
-        let d = u.shape.head_dim;
-        u.keys
-            .chunks_exact(d)
-            .map(|k| -k.iter().map(|v| v * v).sum::<f32>().sqrt())
-            .collect()
+        // keys are transposed, `[head_dim][n]`: accumulate one dimension at a time
+        let n = u.n();
+        let mut sq = vec![0.0f32; n];
+        for dim in u.keys.chunks_exact(n.max(1)).take(u.shape.head_dim) {
+            sq.iter_mut().zip(dim).for_each(|(s, v)| *s += v * v);
+        }
+        sq.iter().map(|s| -s.sqrt()).collect()
     }
 }
