@@ -29,8 +29,9 @@
 #define KVC_ABI_VERSION 1
 
 /*
- `kvc_seq_view.flags`: the decode call that just ran ended a prompt (several tokens of the
- sequence, logits requested for the last one).
+ `kvc_seq_view.flags`: the decode call that just ran produced logits for the sequence. With
+ more than one new token in the call this marks the end of a prompt, where the policy runs;
+ with one new token it is a decode step, where the policy runs every `interval` tokens.
  */
 #define KVC_SEQ_FLAG_PROMPT_END 1
 

@@ -25,7 +25,8 @@ pub struct SeqInput<'a> {
     pub pos: &'a [i32],
     /// at most this many cells after the plan (0 = no cap)
     pub max_cells: usize,
-    /// the call that just ran finished the prompt
+    /// the call that just ran produced logits for the sequence (a prompt end when it also added
+    /// more than one token)
     pub prompt_end: bool,
 }
 
@@ -187,8 +188,9 @@ impl Evictor {
         Ok(())
     }
 
-    /// Whether the policy wants to run now: at the end of a prompt, when the sequence holds
-    /// more than `max_cells`, or every `interval` tokens during decode.
+    /// Whether the policy wants to run now: at the end of a prompt (logits after more than one
+    /// new token), when the sequence holds more than `max_cells`, or every `interval` tokens
+    /// during decode (one token per call).
     pub fn due(&mut self, s: &SeqInput) -> Result<bool> {
         s.validate()?;
         if self.policy.scorer.is_none() || s.pos.is_empty() {
@@ -210,7 +212,9 @@ impl Evictor {
         if s.max_cells > 0 && s.pos.len() > s.max_cells {
             return Ok(true);
         }
-        if s.prompt_end {
+        // logits after several new tokens end a prompt (or a prompt chunk the engine wants
+        // answered); logits after one token are an ordinary decode step
+        if s.prompt_end && n_new > 1 {
             return Ok(true);
         }
         let since = s.n_seen() as i64 - st.seen_at_last_run;

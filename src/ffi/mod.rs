@@ -78,8 +78,9 @@ pub const KVC_BACKEND_CPU: kvc_backend = 0;
 /// CUDA device memory, scored on the GPU
 pub const KVC_BACKEND_CUDA: kvc_backend = 1;
 
-/// `kvc_seq_view.flags`: the decode call that just ran ended a prompt (several tokens of the
-/// sequence, logits requested for the last one).
+/// `kvc_seq_view.flags`: the decode call that just ran produced logits for the sequence. With
+/// more than one new token in the call this marks the end of a prompt, where the policy runs;
+/// with one new token it is a decode step, where the policy runs every `interval` tokens.
 pub const KVC_SEQ_FLAG_PROMPT_END: u32 = 1;
 
 /// Construction parameters. Get defaults from `kvc_params_default()`, then set the shape.
