@@ -119,18 +119,17 @@ impl BudgetRule for Vote {
     fn decide(&self, c: &DecideCtx) -> Decision {
         let tally = Self::tally(c.grid);
         let need = self.min_votes(c.grid.units.len());
-        let mean = c.grid.token_mean();
         let budget = tally
             .iter()
             .zip(c.protected)
             .filter(|(&v, &p)| p || v >= need)
             .count();
-        // rank by votes, then by mean vote share
-        let ranking = tally
-            .iter()
-            .zip(&mean)
-            .map(|(&v, &m)| v as f32 + m.min(0.999))
-            .collect();
+        // rank by the share of all ballots (every sampled query of every unit) that chose the
+        // cell: finer than the unit tally, which saturates when most cells get some vote
+        let mut ranking = vec![0.0f32; tally.len()];
+        for u in &c.grid.units {
+            ranking.iter_mut().zip(u).for_each(|(r, s)| *r += s);
+        }
         Decision {
             budget,
             ranking: Some(ranking),
