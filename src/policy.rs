@@ -163,8 +163,8 @@ fn specs(name: &str) -> Vec<Spec> {
             p("samples", "8", "sampled future queries per head"),
             p(
                 "quorum",
-                "0",
-                "fraction of (layer, KV head) units that must vote for a cell; 0 = union",
+                "0.5",
+                "fraction of (layer, KV head) units that must vote for a cell; 0 = union (keeps most)",
             ),
             p("seed", "0", "sampler seed"),
             p(
