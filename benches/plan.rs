@@ -85,6 +85,13 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// 1/5/15-minute load averages: other work on the machine skews the timings.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn json_str(s: &str) -> String {
     let mut o = String::from("\"");
     for c in s.chars() {
@@ -134,6 +141,7 @@ fn main() {
     };
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
 
+    let load_before = loadavg();
     let mut rows = Vec::new();
     for case in CASES {
         let selected = shapes
@@ -254,9 +262,12 @@ fn main() {
     let _ = writeln!(j, "  \"quick\": {quick},");
     let _ = writeln!(
         j,
-        "  \"machine\": {{\"nproc\": {nproc}, \"cpu\": {}, \"kvc_threads_env\": {}}},",
+        "  \"machine\": {{\"nproc\": {nproc}, \"cpu\": {}, \"kvc_threads_env\": {}, \
+         \"loadavg_before\": {}, \"loadavg_after\": {}}},",
         json_str(&cpu_model()),
-        threads_env.as_deref().map_or("null".into(), json_str)
+        threads_env.as_deref().map_or("null".into(), json_str),
+        json_str(&load_before),
+        json_str(&loadavg())
     );
     let _ = writeln!(j, "  \"threads\": {threads},");
     let _ = writeln!(j, "  \"dtype\": \"f16\",");
