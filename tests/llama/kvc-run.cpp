@@ -8,6 +8,7 @@
 // Own options (taken out before the common parser sees the arguments):
 //   --kvc-prompt2 FILE   a second prompt, run as sequence 1 in the same context (use -np 2)
 //   --kvc-logits FILE    append the logits of every sampled step (f32, n_vocab each) to FILE
+//   --kvc-unified        one KV stream shared by all sequences (-kvu is not a completion option)
 //
 // Built in two flavours: with the patch (KVC_RUN_PATCHED) and against an unpatched llama.cpp
 // (no --kv-policy; used to check that `--kv-policy none` changes nothing).
@@ -76,6 +77,7 @@ int main(int argc, char ** argv) {
 
     std::string prompt2_path;
     std::string logits_path;
+    bool        unified = false;
 
     std::vector<char *> args;
     for (int i = 0; i < argc; ++i) {
@@ -83,6 +85,8 @@ int main(int argc, char ** argv) {
             prompt2_path = argv[++i];
         } else if (i + 1 < argc && strcmp(argv[i], "--kvc-logits") == 0) {
             logits_path = argv[++i];
+        } else if (strcmp(argv[i], "--kvc-unified") == 0) {
+            unified = true;
         } else {
             args.push_back(argv[i]);
         }
@@ -97,6 +101,8 @@ int main(int argc, char ** argv) {
     if (!common_params_parse((int) args.size(), args.data(), params, LLAMA_EXAMPLE_COMPLETION)) {
         return 1;
     }
+
+    params.kv_unified = params.kv_unified || unified;
 
     if (!prompt2_path.empty() && params.n_parallel < 2) {
         params.n_parallel = 2;

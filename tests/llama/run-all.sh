@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# End-to-end tests of the llama.cpp patch on the real model (make test-llama).
+# Needs: scripts/llama.sh build (build/llama) and scripts/llama.sh baseline (build/base/llama).
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+failed=()
+for t in test_patch.sh test_none.py test_cache_types.py test_two_seqs.py test_passkey.py ${KVC_EXTRA_TESTS:-}; do
+    echo "== $t"
+    if ! "$HERE/$t"; then
+        failed+=("$t")
+    fi
+done
+if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "all llama.cpp tests passed"
