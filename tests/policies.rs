@@ -350,12 +350,11 @@ fn knorm_keeps_the_smallest_keys() {
 // pyramidkv, dynamickv, adakv
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn pyramidkv_gives_the_first_layer_more() {
+/// Layer 0: the logit of cell p is p (query right, key (p, 0)), a strict ranking 8 > 7 > ... > 1.
+/// Layer 1: cell 3 (logit 10) and cell 6 (logit 9), all else 0.
+fn pyramid_toy(extra: &[&str]) -> (Evictor, Vec<i32>) {
     let s = shape(2, 2, 1);
     let pos = range(10);
-    // layer 0: logit of cell p is p (query right, key (p, 0)): a strict ranking 8 > 7 > ... > 1
-    // layer 1: cell 3 (logit 10) and cell 6 (logit 9), all else 0
     let k = keys(&s, &pos, |l, p, _| match (l, p) {
         (0, p) => [p as f32, 0.0],
         (1, 3) => [0.0, 10.0],
@@ -367,13 +366,17 @@ fn pyramidkv_gives_the_first_layer_more() {
         &[9],
         |l, _, _| if l == 0 { [1.0, 0.0] } else { [0.0, 1.0] },
     );
-    let mut e = ev(
-        s,
-        "pyramidkv",
-        &["tokens=6", "sinks=1", "window=1", "pool=1", "beta=2"],
-    );
+    let mut p = vec!["tokens=6", "sinks=1", "window=1", "pool=1", "beta=2"];
+    p.extend_from_slice(extra);
+    let mut e = ev(s, "pyramidkv", &p);
     e.push_queries(SEQ, &[9], &q).unwrap();
-    let ev_pos = evicted(&mut e, &pos, Some(&k), 0);
+    let gone = evicted(&mut e, &pos, Some(&k), 0);
+    (e, gone)
+}
+
+#[test]
+fn pyramidkv_gives_the_first_layer_more() {
+    let (e, ev_pos) = pyramid_toy(&[]);
     // per-unit average 4: layer 0 gets 2*4 - 4/2 = 6, layer 1 gets 4/2 = 2
     assert_eq!(unit_kept(&e, 0, 0), vec![0, 3, 4, 5, 6, 7, 8, 9]);
     assert_eq!(unit_kept(&e, 1, 0), vec![0, 3, 6, 9]);
@@ -386,6 +389,15 @@ fn pyramidkv_gives_the_first_layer_more() {
     assert_eq!(p.layer_budgets(3, 4, 8), vec![6, 4, 2]);
     // capped by the candidates: max = 8, min = 2*6 - 8 = 4
     assert_eq!(p.layer_budgets(2, 6, 8), vec![8, 4]);
+}
+
+#[test]
+fn layer_granularity_frees_only_what_no_layer_keeps() {
+    let (e, ev_pos) = pyramid_toy(&["granularity=layer"]);
+    // the same unit keep sets; their union is {0, 3..9}
+    assert_eq!(unit_kept(&e, 1, 0), vec![0, 3, 6, 9]);
+    assert_eq!(ev_pos, vec![1, 2]);
+    assert_eq!(e.layer_kept(SEQ).unwrap(), &[8, 4]);
 }
 
 #[test]
@@ -482,6 +494,13 @@ fn ada_allocator_directly() {
     assert_eq!(uni(1.0).allocate(&grid, &cand, 2), vec![2, 2, 2, 2]);
     // more than the candidates: clamped to 4 each
     assert_eq!(uni(0.2).allocate(&grid, &cand, 9), vec![4, 4, 4, 4]);
+    // pyramid layers (beta 2): layer budgets 3 and 1 per head; layer 0's top 6 = .97, four
+    // .25 and one .01 of the peaked head -> [4, 2]; layer 1's top 2: one .4 each -> [1, 1]
+    let pyr = Ada {
+        alpha: 0.0,
+        layers: Box::new(Pyramid { beta: 2.0 }),
+    };
+    assert_eq!(pyr.allocate(&grid, &cand, 2), vec![4, 2, 1, 1]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -576,3 +576,75 @@ fn kept_flags_reads_the_plan() {
     assert_eq!(keep, kept_flags(&c.cells, &plan));
     assert_eq!(count(&keep), 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+// K views
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Gathering one head of K (any dtype, padded row stride, cells mapped to arbitrary rows)
+    /// gives the transposed `[head_dim][n]` values of exactly those rows.
+    #[test]
+    fn gather_reads_every_dtype_stride_and_row_map(
+        c in case(), dtype in 0u32..3, pad in 0usize..=3, seed in any::<u64>(),
+    ) {
+        use kvcompress::view::{Dtype, KeyLayer, Keys};
+        let s = c.shape;
+        let n = c.pos.len();
+        let row = s.n_head_kv * s.head_dim;
+        let dt = Dtype::from_code(dtype).unwrap();
+        let stride = (row + pad) * dt.size();
+        // the cells live in shuffled rows of a buffer with a few extra rows
+        let n_rows = n + 3;
+        let mut rng = common::Rng::new(seed);
+        let mut slots: Vec<u32> = (0..n_rows as u32).collect();
+        for i in (1..slots.len()).rev() {
+            slots.swap(i, rng.below(i + 1));
+        }
+        let rows_of: Vec<u32> = slots[..n].to_vec();
+        let round = |v: f32| match dt {
+            Dtype::F32 => v,
+            Dtype::F16 => half::f16::from_f32(v).to_f32(),
+            Dtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+        };
+        let mut bufs: Vec<Vec<u8>> = Vec::new();
+        for l in 0..s.n_layer {
+            let mut b = vec![0u8; n_rows * stride];
+            for (j, &r) in rows_of.iter().enumerate() {
+                for e in 0..row {
+                    let v = c.keys.data[(l * n + j) * row + e];
+                    let at = r as usize * stride + e * dt.size();
+                    match dt {
+                        Dtype::F32 => b[at..at + 4].copy_from_slice(&v.to_ne_bytes()),
+                        Dtype::F16 => b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_ne_bytes()),
+                        Dtype::Bf16 => b[at..at + 2].copy_from_slice(&half::bf16::from_f32(v).to_bits().to_ne_bytes()),
+                    }
+                }
+            }
+            bufs.push(b);
+        }
+        let keys = Keys {
+            layers: bufs
+                .iter()
+                .map(|b| KeyLayer { base: b.as_ptr(), row_stride: stride, dtype: dt })
+                .collect(),
+            rows: &rows_of,
+        };
+        keys.validate(&s).unwrap();
+        let mut out = Vec::new();
+        for l in 0..s.n_layer {
+            for g in 0..s.n_head_kv {
+                keys.gather_head_t(&s, l, g, &mut out).unwrap();
+                prop_assert_eq!(out.len(), n * s.head_dim);
+                for j in 0..n {
+                    for e in 0..s.head_dim {
+                        let want = round(c.keys.data[(l * n + j) * row + g * s.head_dim + e]);
+                        prop_assert_eq!(out[e * n + j], want, "layer {} head {} cell {} dim {}", l, g, j, e);
+                    }
+                }
+            }
+        }
+    }
+}
