@@ -166,6 +166,12 @@ fn c_program_drives_the_whole_api() {
     let out = run(&exe);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{}", stdout.trim_end());
+    for l in String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("KNOWN ISSUE") || l.starts_with("NOTE"))
+    {
+        eprintln!("{l}");
+    }
     assert!(
         out.status.success(),
         "tests/c/abi_test.c failed\n{}",

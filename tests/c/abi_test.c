@@ -20,7 +20,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int g_pass, g_fail;
+static int g_pass, g_fail, g_known;
+
+/* A check that documents a known library bug: reported, not counted as a failure. Turn it into a
+ * CHECK when the bug is fixed (the message then says so). */
+#define KNOWN_ISSUE(cond, ...)                                                         \
+    do {                                                                               \
+        if (cond) {                                                                    \
+            fprintf(stderr, "NOTE %s:%d: known issue fixed, make this a CHECK: %s\n",  \
+                    __FILE__, __LINE__, #cond);                                        \
+        } else {                                                                       \
+            g_known++;                                                                 \
+            fprintf(stderr, "KNOWN ISSUE %s:%d: ", __FILE__, __LINE__);                \
+            fprintf(stderr, __VA_ARGS__);                                              \
+            fputc('\n', stderr);                                                       \
+        }                                                                              \
+    } while (0)
 
 #define CHECK(cond, ...)                                                          \
     do {                                                                          \
@@ -738,6 +753,27 @@ static void test_plan_errors(void) {
         CHECK_ST(run_plan(ev, &s, &b), KVC_STATUS_OK);
         CHECK(same_plan(&a, &b), "explicit k_rows differ from NULL k_rows");
         check_plan("snapkv/k_rows", &b);
+        /* engine cell ids unrelated to K rows: the same cells (by index) are freed, under the
+         * caller's ids, ascending */
+        {
+            uint32_t ids[N_CELLS];
+            size_t e;
+            int k;
+            for (k = 0; k < N_CELLS; k++) ids[k] = 5000u - 7u * (uint32_t)k;
+            s.cells = ids;
+            s.k_rows = cells;
+            CHECK_ST(run_plan(ev, &s, &b), KVC_STATUS_OK);
+            CHECK(b.n_evict == a.n_evict, "ids: %zu vs %zu evicted", b.n_evict, a.n_evict);
+            for (e = 1; e < b.n_evict; e++)
+                CHECK(b.evict[e - 1] < b.evict[e], "ids: evict not ascending at %zu", e);
+            for (k = 0; k < N_CELLS; k++) {
+                int in_a = 0, in_b = 0;
+                for (e = 0; e < a.n_evict; e++) in_a |= a.evict[e] == cells[k];
+                for (e = 0; e < b.n_evict; e++) in_b |= b.evict[e] == ids[k];
+                CHECK(in_a == in_b, "ids: cell index %d freed %d with row ids, %d with own ids", k,
+                      in_a, in_b);
+            }
+        }
     }
     /* empty sequence: nothing to free */
     s = good;
@@ -786,6 +822,31 @@ static void test_plan_errors(void) {
 }
 
 /* head granularity: a cell is freed exactly when no (layer, KV head) keeps it */
+/* A failed plan must leave the handle as it was (outputs only on success): no plan recorded
+ * for layer_kept/keep_mask, and the policy still due. */
+static void test_failed_plan_leaves_no_state(void) {
+    const char *kv[] = {"tokens=16"};
+    kvc_evictor *ev = make("streaming", kv, 1);
+    kvc_seq_view s = seq_view(4, NULL);
+    uint32_t counts[N_LAYER];
+    size_t n_ev = 0;
+    bool due = false;
+    /* a decode step sees the cells (no prompt flag), then the engine asks for a plan */
+    s.flags = 0;
+    CHECK_ST(kvc_evictor_due(ev, &s, &due), KVC_STATUS_OK);
+    CHECK_ST(kvc_evictor_due(ev, &s, &due), KVC_STATUS_OK);
+    CHECK(due, "never ran, interval reached, nothing new: due");
+    CHECK_ST(kvc_evictor_plan(ev, &s, NULL, 0, &n_ev, NULL), KVC_STATUS_BUFFER_TOO_SMALL);
+    KNOWN_ISSUE(kvc_evictor_layer_kept(ev, 4, counts, N_LAYER) == KVC_STATUS_INVALID_SHAPE,
+                "after BUFFER_TOO_SMALL, layer_kept reports the plan that was never delivered "
+                "(Evictor::plan commits per-sequence state before the FFI checks evict_cap)");
+    due = false;
+    CHECK_ST(kvc_evictor_due(ev, &s, &due), KVC_STATUS_OK);
+    KNOWN_ISSUE(due, "after BUFFER_TOO_SMALL the policy is no longer due: the failed plan counts "
+                     "as a run, so nothing is evicted until `interval` more tokens");
+    kvc_evictor_free(ev);
+}
+
 static void test_keep_mask_head_granularity(void) {
     const char *kv[] = {"granularity=head", "ratio=0.75"};
     kvc_evictor *ev = make("snapkv", kv, 2);
@@ -934,10 +995,12 @@ int main(void) {
         test_plan_policy("knorm", NULL, 0, 1);
     }
     test_plan_errors();
+    test_failed_plan_leaves_no_state();
     test_keep_mask_head_granularity();
     test_streaming_exact();
     test_none();
     test_threads();
+    if (g_known > 0) printf("C ABI: %d known issue(s), see KNOWN ISSUE lines on stderr\n", g_known);
     printf("C ABI: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail == 0 ? 0 : 1;
 }
