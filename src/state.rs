@@ -97,20 +97,18 @@ impl Default for SeqState {
 }
 
 impl SeqState {
-    /// Append query rows; a position at or below the newest one means the sequence was rewound,
-    /// so rows from there on are dropped first.
+    /// Append query rows. A row at or below the newest position known (the newest row, or the
+    /// newest position `due` saw) means the sequence was rewound and is being decoded again from
+    /// that position: everything remembered from there on is dropped first, and the re-decoded
+    /// positions count as new tokens for the next `due`.
     pub fn push(&mut self, rows: Vec<QueryRow>, cap: usize) {
         for row in rows {
-            while self.ring.back().is_some_and(|r| r.pos >= row.pos) {
-                self.ring.pop_back();
-            }
-            if self.consumed >= row.pos {
-                self.consumed = row.pos - 1;
-            }
-            // a row at or below a position already carried means the sequence was rewound and
-            // is being decoded again: scores of the old timeline from there on are void
-            if let Some(c) = &mut self.carry {
-                c.truncate_after(row.pos - 1);
+            let newest = self
+                .ring
+                .back()
+                .map_or(self.last_max_pos, |r| r.pos.max(self.last_max_pos));
+            if row.pos <= newest {
+                self.truncate_after(row.pos - 1);
             }
             self.ring.push_back(row);
         }

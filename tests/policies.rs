@@ -686,6 +686,49 @@ fn due_fires_at_prompt_end_on_overflow_and_every_interval() {
     }
 }
 
+/// The engine rewinds a sequence to position 5 and processes a new prompt tail 6..11, which
+/// ends below the highest position seen before (19): the policy must run at its end.
+fn due_after_rewind(name: &str) -> bool {
+    let s = shape(1, 2, 1);
+    let mut p = vec!["tokens=6", "sinks=1", "window=1"];
+    if name == "snapkv" {
+        p.push("pool=1");
+    }
+    let mut e = ev(s, name, &p);
+    let pos = range(20);
+    let k = keys(&s, &pos, |_, p, _| [p as f32 / 10.0, 1.0]);
+    let q = queries(&s, &pos, |_, _, _| [1.0, 0.0]);
+    e.push_queries(SEQ, &pos, &q).unwrap();
+    assert!(due(&mut e, &pos, 0, true));
+    let gone = evicted(&mut e, &pos, Some(&k), 0);
+    // rewind to 5, then the new tail 6..11
+    let mut held: Vec<i32> = pos
+        .iter()
+        .copied()
+        .filter(|p| !gone.contains(p) && *p <= 5)
+        .collect();
+    held.extend(6..12);
+    let tail: Vec<i32> = (6..12).collect();
+    e.push_queries(SEQ, &tail, &queries(&s, &tail, |_, _, _| [0.0, 1.0]))
+        .unwrap();
+    due(&mut e, &held, 0, true)
+}
+
+#[test]
+fn due_fires_at_the_end_of_a_prompt_after_a_rewind() {
+    assert!(due_after_rewind("snapkv"));
+    assert!(due_after_rewind("h2o"));
+}
+
+#[test]
+#[ignore = "evictor.rs (not ours): due() cannot tell a re-processed prompt after a rewind from a \
+            decode step when the policy captures no queries: truncate_after(max_pos) resets \
+            last_max_pos to the new maximum, so n_new = 0 and prompt_end is ignored"]
+fn due_fires_at_the_end_of_a_prompt_after_a_rewind_without_queries() {
+    assert!(due_after_rewind("streaming"));
+    assert!(due_after_rewind("knorm"));
+}
+
 #[test]
 fn max_cells_caps_the_plan_with_headroom() {
     let s = shape(1, 2, 1);

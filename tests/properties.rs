@@ -648,3 +648,104 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// a whole session: prompt chunks, decode steps, rewinds
+// ---------------------------------------------------------------------------------------------
+
+/// K of one layer/KV head for a token: a function of (layer, position, content seed), so a
+/// cell's K never changes while it is held and a re-decoded position gets new content.
+fn token_key(s: &Shape, l: usize, pos: i32, content: u64) -> Vec<f32> {
+    let mut r = common::Rng::new(content ^ ((l as u64) << 40) ^ (pos as u64).wrapping_mul(0x9E37));
+    (0..s.n_head_kv * s.head_dim).map(|_| r.normal()).collect()
+}
+
+fn token_query(s: &Shape, l: usize, pos: i32, content: u64) -> Vec<f32> {
+    let mut r = common::Rng::new(!content ^ ((l as u64) << 40) ^ (pos as u64).wrapping_mul(0x7F4A));
+    (0..s.q_row_len()).map(|_| 2.0 * r.normal()).collect()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Drive an evictor like an engine: prompt chunks, decode tokens, occasional rewinds; run
+    /// the policy whenever `due`. No call fails, position 0 and the newest cell always stay,
+    /// the cap holds after every run, and the policy runs at the end of every prompt (also a
+    /// prompt re-processed after a rewind).
+    #[test]
+    fn engine_sessions_keep_the_invariants(
+        shape in shape_strategy(1..=2, 1..=2),
+        which in 1..kvcompress::POLICY_NAMES.len(),
+        cap in prop_oneof![Just(0usize), 6usize..=24],
+        seed in any::<u64>(),
+    ) {
+        let name = kvcompress::POLICY_NAMES[which];
+        let p: &[&str] = match name {
+            "dbudget" | "gvote" => &["sinks=1", "window=2", "interval=3"],
+            _ => &["sinks=1", "window=2", "interval=3", "ratio=0.5"],
+        };
+        let mut ev = common::evictor(shape, name, p, 1);
+        let mut rng = common::Rng::new(seed);
+        // held cells: (position, content seed)
+        let mut held: Vec<(i32, u64)> = Vec::new();
+        let mut next: i32 = 0;
+        let mut content: u64 = seed;
+        for step in 0..40 {
+            let rewind = step > 4 && rng.below(10) == 0 && next > 2;
+            if rewind {
+                let to = rng.below(next as usize - 1) as i32;
+                held.retain(|&(p, _)| p <= to);
+                next = to + 1;
+                content = content.wrapping_add(1);
+            }
+            // a prompt chunk after a rewind or at the start, else one decode token
+            let m = if step == 0 || rewind { 1 + rng.below(12) } else { 1 };
+            let new: Vec<i32> = (next..next + m as i32).collect();
+            next += m as i32;
+            held.extend(new.iter().map(|&p| (p, content)));
+            let mut q = Vec::new();
+            for l in 0..shape.n_layer {
+                for &p in &new {
+                    q.extend(token_query(&shape, l, p, content));
+                }
+            }
+            ev.push_queries(7, &new, &q).unwrap();
+            let pos: Vec<i32> = held.iter().map(|h| h.0).collect();
+            let cells: Vec<u32> = pos.iter().map(|&p| 5000 + p as u32).collect();
+            let input = kvcompress::SeqInput {
+                seq_id: 7,
+                cells: &cells,
+                pos: &pos,
+                max_cells: cap,
+                prompt_end: m > 1,
+            };
+            let due = ev.due(&input).unwrap();
+            // (policies that capture no queries cannot see a rewind before `due`: see
+            // policies.rs, due_fires_at_the_end_of_a_prompt_after_a_rewind_without_queries)
+            if m > 1 && ev.q_window() > 0 {
+                prop_assert!(due, "{name}: not due at a prompt end");
+            }
+            if cap > 0 && pos.len() > cap {
+                prop_assert!(due, "{name}: not due over the cap");
+            }
+            if !due {
+                continue;
+            }
+            let mut data = Vec::new();
+            for l in 0..shape.n_layer {
+                for &(p, c) in &held {
+                    data.extend(token_key(&shape, l, p, c));
+                }
+            }
+            let k = kvcompress::OwnedKeys::new(&shape, held.len(), data).unwrap();
+            let plan = ev.plan(&input, Some(&k.view(&shape))).unwrap();
+            let keep = kept_flags(&cells, &plan);
+            prop_assert!(subset(&select::pinned(&pos), &keep), "{name}: pinned cell evicted");
+            if cap > 0 {
+                prop_assert!(count(&keep) <= cap.max(2), "{name}: {} cells over the cap {cap}", count(&keep));
+            }
+            let mut i = 0;
+            held.retain(|_| { i += 1; keep[i - 1] });
+        }
+    }
+}
