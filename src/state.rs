@@ -99,8 +99,8 @@ impl Default for SeqState {
 impl SeqState {
     /// Append query rows. A row at or below the newest position known (the newest row, or the
     /// newest position `due` saw) means the sequence was rewound and is being decoded again from
-    /// that position: everything remembered from there on is dropped first, and the re-decoded
-    /// positions count as new tokens for the next `due`.
+    /// that position: everything remembered from there on is dropped first, and the next `due`
+    /// counts every held cell as new (the rewind point itself may lie below the rows pushed).
     pub fn push(&mut self, rows: Vec<QueryRow>, cap: usize) {
         for row in rows {
             let newest = self
@@ -109,6 +109,9 @@ impl SeqState {
                 .map_or(self.last_max_pos, |r| r.pos.max(self.last_max_pos));
             if row.pos <= newest {
                 self.truncate_after(row.pos - 1);
+                // the engine may push only the newest rows of a call, so the rewind point can
+                // lie below this row: the next `due` counts every held cell as new
+                self.last_max_pos = -1;
             }
             self.ring.push_back(row);
         }

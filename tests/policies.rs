@@ -689,6 +689,11 @@ fn due_fires_at_prompt_end_on_overflow_and_every_interval() {
 /// The engine rewinds a sequence to position 5 and processes a new prompt tail 6..11, which
 /// ends below the highest position seen before (19): the policy must run at its end.
 fn due_after_rewind(name: &str) -> bool {
+    due_after_rewind_to(name, 12)
+}
+
+/// The same with a tail `6..end`.
+fn due_after_rewind_to(name: &str, end: i32) -> bool {
     let s = shape(1, 2, 1);
     let mut p = vec!["tokens=6", "sinks=1", "window=1"];
     if name == "snapkv" {
@@ -707,8 +712,8 @@ fn due_after_rewind(name: &str) -> bool {
         .copied()
         .filter(|p| !gone.contains(p) && *p <= 5)
         .collect();
-    held.extend(6..12);
-    let tail: Vec<i32> = (6..12).collect();
+    held.extend(6..end);
+    let tail: Vec<i32> = (6..end).collect();
     e.push_queries(SEQ, &tail, &queries(&s, &tail, |_, _, _| [0.0, 1.0]))
         .unwrap();
     due(&mut e, &held, 0, true)
@@ -727,6 +732,14 @@ fn due_fires_at_the_end_of_a_prompt_after_a_rewind() {
 fn due_fires_at_the_end_of_a_prompt_after_a_rewind_without_queries() {
     assert!(due_after_rewind("streaming"));
     assert!(due_after_rewind("knorm"));
+}
+
+#[test]
+// the rows a call pushes must reach the state even when the ring keeps fewer of them: the
+// lowest one is what reveals the rewind
+fn due_fires_after_a_rewind_whose_tail_passes_the_old_end() {
+    assert!(due_after_rewind_to("tova", 21));
+    assert!(due_after_rewind_to("snapkv", 21));
 }
 
 #[test]
