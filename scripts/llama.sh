@@ -260,7 +260,7 @@ cmd_build() {
     local t0=$SECONDS
     configure "$BIN_DIR" "$SRC" -DLLAMA_KVCOMPRESS=ON \
         "-DKVCOMPRESS_INCLUDE_DIR=$inc" "-DKVCOMPRESS_LIBRARY=$KVC_LIB" -DKVC_RUN_PATCHED=ON
-    cmake --build "$BIN_DIR" -j "$JOBS" --target "${TARGETS[@]}" kvc-run
+    cmake --build "$BIN_DIR" -j "$JOBS" --target "${TARGETS[@]}" kvc-run kvc-eval
     info "build/llama/bin ready in $((SECONDS - t0)) s"
 }
 

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Markdown table and plots from results/summary.json (written by eval/run.py).
+
+  python3 eval/report.py [--summary results/summary.json] [--out results]
+
+Writes RESULTS.md (table for the README, project targets, checks) and PNG plots:
+accuracy-vs-kept.png, kl-vs-kept.png and, when some policy keeps different counts per layer,
+layer-kept.png. Needs matplotlib for the plots (`pip install matplotlib`); without it only the
+markdown is written.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIXED_STYLE = {"streaming": "tab:gray", "h2o": "tab:brown", "snapkv": "tab:blue", "tova": "tab:olive",
+               "knorm": "tab:pink", "pyramidkv": "tab:cyan", "dynamickv": "tab:purple", "adakv": "tab:orange"}
+BF_STYLE = {"dbudget": ("tab:green", "D"), "gvote": ("tab:red", "^")}
+
+
+def f(x, fmt="{:.3f}"):
+    return "–" if x is None else fmt.format(x)
+
+
+def frontier_best(points, kept, better):
+    """Best value among fixed-budget points that keep no more than `kept` (+0.5 % slack)."""
+    cand = [v for k, v in points if k is not None and v is not None and k <= kept + 0.005]
+    return (max(cand) if better == "max" else min(cand)) if cand else None
+
+
+def targets(s):
+    """The project targets, judged on the data at hand: (target, verdict, evidence)."""
+    tasks = {(t["mode"], t["label"]): t for t in s["tasks"]}
+    fid = {x["label"]: x for x in s["fidelity"]}
+    out = []
+
+    def acc(mode, label):
+        t = tasks.get((mode, label))
+        return t["accuracy"] if t else None
+
+    full_acc = {m: acc(m, "none") for m in ("aware", "agnostic")}
+
+    # dbudget: frees >= 25 % with identical retrieval and top-1 >= 99 %
+    rows = []
+    for lab in sorted({t["label"] for t in s["tasks"] if t["policy"] == "dbudget"} | {x["label"] for x in s["fidelity"] if x["policy"] == "dbudget"}):
+        aw, ag, fi = tasks.get(("aware", lab)), tasks.get(("agnostic", lab)), fid.get(lab)
+        freed = 1 - aw["kept_fraction"] if aw else None
+        same = aw is not None and aw["same_score"] == 1.0 and aw["agreement"] == 1.0
+        top1 = fi["top1"] if fi else None
+        ok = freed is not None and freed >= 0.25 and same and top1 is not None and top1 >= 0.99
+        rows.append(ok)
+        out.append((f"dbudget frees >= 25 % with identical retrieval and top-1 >= 99 % ({lab})", "HOLDS" if ok else "FAILS",
+                    f"aware: freed {f(freed, '{:.0%}')}, same score {f(aw and aw['same_score'])}, agreement {f(aw and aw['agreement'])}; "
+                    f"agnostic agreement {f(ag and ag['agreement'])}; teacher-forced top-1 {f(top1)} (kept {f(fi and fi['kept_fraction'])})"))
+    # gvote: frees >= 50 % with <= 1 point accuracy loss
+    for lab in sorted({t["label"] for t in s["tasks"] if t["policy"] == "gvote"}):
+        for mode in ("aware", "agnostic"):
+            t = tasks.get((mode, lab))
+            if not t or full_acc[mode] is None:
+                continue
+            freed = 1 - t["kept_fraction"]
+            loss = (full_acc[mode] - t["accuracy"]) * 100
+            ok = freed >= 0.5 and loss <= 1.0
+            out.append((f"gvote frees >= 50 % with <= 1 point accuracy loss ({lab}, {mode})", "HOLDS" if ok else "FAILS",
+                        f"freed {freed:.0%}, accuracy {t['accuracy']:.3f} vs full {full_acc[mode]:.3f} ({loss:+.1f} points lost)"))
+    # adakv / dynamickv >= snapkv at equal kept fraction
+    for pol in ("adakv", "dynamickv"):
+        ev = []
+        ok = True
+        for t in s["tasks"]:
+            if t["policy"] != pol or t["mode"] != "aware":
+                continue
+            r = t["label"].split(" ", 1)[1]
+            sn = tasks.get(("aware", "snapkv " + r))
+            fp, fs = fid.get(t["label"]), fid.get("snapkv " + r)
+            if not sn:
+                continue
+            a_ok = t["accuracy"] >= sn["accuracy"]
+            k_ok = fp is None or fs is None or fp["kl_mean"] <= fs["kl_mean"] * 1.05
+            ok = ok and a_ok and k_ok
+            ev.append(f"{r}: acc {t['accuracy']:.3f} vs {sn['accuracy']:.3f}" +
+                      (f", KL {fp['kl_mean']:.4f} vs {fs['kl_mean']:.4f}" if fp and fs else ""))
+        if ev:
+            out.append((f"{pol} >= snapkv at equal kept fraction (accuracy, and KL within 5 %)", "HOLDS" if ok else "FAILS", "; ".join(ev)))
+    # budget-free on or above the fixed frontier
+    for mode in ("aware",):
+        fixed = [(t["kept_fraction"], t["accuracy"]) for t in s["tasks"] if t["mode"] == mode and not t["budget_free"]]
+        fixed_kl = [(x["kept_fraction"], x["kl_mean"]) for x in s["fidelity"] if not x["budget_free"]]
+        for t in s["tasks"]:
+            if t["mode"] != mode or t["policy"] not in ("dbudget", "gvote"):
+                continue
+            best = frontier_best(fixed, t["kept_fraction"], "max")
+            fx = fid.get(t["label"])
+            best_kl = frontier_best(fixed_kl, fx["kept_fraction"], "min") if fx else None
+            a_ok = best is None or t["accuracy"] >= best
+            k_ok = fx is None or best_kl is None or fx["kl_mean"] <= best_kl
+            out.append((f"{t['label']} on or above the fixed frontier", "HOLDS" if a_ok and k_ok else "FAILS",
+                        f"kept {t['kept_fraction']:.3f}: accuracy {t['accuracy']:.3f} vs best fixed at <= that kept {f(best)}; "
+                        + (f"KL {fx['kl_mean']:.4f} (kept {fx['kept_fraction']:.3f}) vs best fixed {f(best_kl, '{:.4f}')}" if fx else "no KL run")))
+    return out
+
+
+def markdown(s):
+    m = s["meta"]
+    lines = ["# kvcompress evaluation results", "",
+             f"Generated by `python3 eval/run.py --preset {m['preset']}` and `python3 eval/report.py` on {m['date']}.", "",
+             f"- model: {m['model']} (30 layers, 9 heads, 3 KV heads), KV cache type {m['cache_type']}, "
+             f"llama.cpp pin {m['llama_cpp']} + patches/",
+             f"- machine: {m['machine']}, `-t {m['threads']}`, CPU backend",
+             f"- tasks: {', '.join(m['tasks'])}; target lengths {', '.join(map(str, m['lengths']))} tokens; "
+             f"depths {', '.join(f'{d:g}' for d in m['depths'])}; seeds {', '.join(map(str, m['seeds']))}",
+             f"- teacher-forced fidelity: prose contexts of {', '.join(map(str, m['fidelity_contexts']))} tokens, "
+             f"continuation {m['fidelity_continuation']} tokens fed one at a time through both caches",
+             f"- jobs: {m['jobs_done']}/{m['jobs_total']}" + ("" if m["complete"] else " (**incomplete run**)") +
+             f", {m.get('model_s', '?')} s of model time" + (f", {m['wall_s']} s wall" if m.get("wall_s") else ""), "",
+             "Every score is relative to the full cache (`none`) on the same input. **kept** = cells held after the "
+             "prompt / prompt tokens; **acc** = expected answer found (`tasks.correct`); **agree** = same answer "
+             "(first sentence of the greedy output) as the full cache; aware = question inside the prompt when the "
+             "policy runs, agnostic = context compressed first, question appended (the policy runs again at its end). "
+             "KL = mean teacher-forced KL(p_full ‖ p_policy) per token, p99 over tokens, top-1 = argmax agreement.", "",
+             "| policy | kept (aware) | acc | agree | kept (agn.) | acc | agree | kept (TF) | KL mean | KL p99 | KL max | top-1 | mean abs Δp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    tasks = {(t["mode"], t["label"]): t for t in s["tasks"]}
+    fid = {x["label"]: x for x in s["fidelity"]}
+    labels = []
+    for t in s["tasks"] + s["fidelity"]:
+        if t["label"] not in labels:
+            labels.append(t["label"])
+    for lab in labels:
+        aw, ag, fi = tasks.get(("aware", lab)), tasks.get(("agnostic", lab)), fid.get(lab)
+        if lab == "none":
+            fi = dict(kept_fraction=1.0, kl_mean=0.0, kl_p99=0.0, kl_max=0.0, top1=1.0, dp_mean=0.0)
+        row = [f"`{lab}`"]
+        for t in (aw, ag):
+            row += [f(t and t["kept_fraction"]), f(t and t["accuracy"], "{:.2f}"), f(t and t["agreement"], "{:.2f}")]
+        row += [f(fi and fi["kept_fraction"]), f(fi and fi["kl_mean"], "{:.4f}"), f(fi and fi["kl_p99"], "{:.3f}"),
+                f(fi and fi["kl_max"], "{:.3f}"), f(fi and fi["top1"]), f(fi and fi["dp_mean"], "{:.4f}")]
+        lines.append("| " + " | ".join(row) + " |")
+    n_inst = {t["mode"]: t["n"] for t in s["tasks"] if t["label"] == "none"}
+    lines += ["", f"Instances per setting: aware {n_inst.get('aware', 0)}, agnostic {n_inst.get('agnostic', 0)}; "
+              "with so few instances one miss moves accuracy by 1/n.", "", "## Project targets", "",
+              "| target | verdict | evidence |", "|---|---|---|"]
+    for name, verdict, ev in targets(s):
+        lines.append(f"| {name} | **{verdict}** | {ev} |")
+    if s.get("checks"):
+        lines += ["", "## Checks of the run (eval/run.py)", ""]
+        for c in s["checks"]:
+            lines.append(f"- {'PASS' if c['ok'] else 'FAIL'}: {c['name']} ({c['detail']})")
+    lines += ["", "## Plots", "", "![accuracy vs kept fraction](accuracy-vs-kept.png)", "",
+              "![KL vs kept fraction](kl-vs-kept.png)", ""]
+    if layer_rows(s):
+        lines += ["![kept fraction per layer](layer-kept.png)", ""]
+    else:
+        lines += ["No per-layer plot: with the default token granularity every layer keeps the same cells "
+                  "(cells are shared across layers in llama.cpp), so the per-layer kept fraction is flat.", ""]
+    return "\n".join(lines)
+
+
+def layer_rows(s):
+    rows = {k: v for k, v in s.get("layer_kept", {}).items() if v and max(v) - min(v) > 1e-6}
+    return rows
+
+
+def plots(s, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib missing (pip install matplotlib); no plots", file=sys.stderr)
+        return []
+    written = []
+
+    def curves(ax, rows, xkey, ykey, logy=False):
+        by = {}
+        for r in rows:
+            by.setdefault(r["policy"], []).append(r)
+        for pol, rs in by.items():
+            rs = sorted((r for r in rs if r.get(xkey) is not None and r.get(ykey) is not None), key=lambda r: r[xkey])
+            if not rs:
+                continue
+            xs, ys = [r[xkey] for r in rs], [r[ykey] for r in rs]
+            if logy:
+                ys = [max(y, 1e-5) for y in ys]
+            if pol == "none":
+                ax.scatter(xs, ys, marker="*", s=160, color="black", zorder=5, label="none (full cache)")
+            elif pol in BF_STYLE:
+                c, mk = BF_STYLE[pol]
+                ax.plot(xs, ys, linestyle=":", marker=mk, markersize=8, color=c, label=f"{pol} (budget-free)", zorder=4)
+                for r, x, y in zip(rs, xs, ys):
+                    tag = " ".join(r["params"]) or "default"
+                    ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+            else:
+                ax.plot(xs, ys, marker="o", markersize=4, color=FIXED_STYLE.get(pol), label=pol, alpha=0.85)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("kept fraction (cells held / tokens seen)")
+        ax.set_xlim(0, 1.03)
+        ax.grid(alpha=0.3)
+
+    modes = [m for m in ("aware", "agnostic") if any(t["mode"] == m for t in s["tasks"])]
+    if modes:
+        fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            rows = [t for t in s["tasks"] if t["mode"] == mode]
+            curves(ax, rows, "kept_fraction", "accuracy")
+            ax.set_ylabel("retrieval accuracy")
+            ax.set_ylim(-0.05, 1.08)
+            ax.set_title(f"question-{mode} (n={rows[0]['n']} per point)")
+        axes[0][-1].legend(fontsize=8, loc="lower right")
+        fig.suptitle(f"{s['meta']['model']}: accuracy vs kept fraction", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy-vs-kept.png", dpi=110)
+        plt.close(fig)
+        written.append("accuracy-vs-kept.png")
+    if s["fidelity"]:
+        rows = [dict(x) for x in s["fidelity"]]
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        curves(axes[0], rows, "kept_fraction", "kl_mean", logy=True)
+        axes[0].set_ylabel("mean KL(p_full || p_policy) per token")
+        axes[0].set_title("teacher-forced KL (lower is better)")
+        curves(axes[1], rows, "kept_fraction", "top1")
+        axes[1].scatter([1.0], [1.0], marker="*", s=160, color="black", zorder=5, label="none (full cache)")
+        axes[1].set_ylim(top=1.005)
+        axes[1].axhline(0.99, color="black", linestyle="--", linewidth=0.8)
+        axes[1].annotate("lossless gate 0.99", (0.02, 0.99), textcoords="offset points", xytext=(0, 4), fontsize=8)
+        axes[1].set_ylabel("top-1 agreement with the full cache")
+        axes[1].set_title("teacher-forced top-1 agreement")
+        axes[1].legend(fontsize=8, loc="lower right")
+        m = s["meta"]
+        fig.suptitle(f"{m['model']}: fidelity vs kept fraction ({'/'.join(map(str, m['fidelity_contexts']))}-token "
+                     f"contexts, {m['fidelity_continuation']}-token continuation)", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out / "kl-vs-kept.png", dpi=110)
+        plt.close(fig)
+        written.append("kl-vs-kept.png")
+    lr = layer_rows(s)
+    if lr:
+        labels = list(lr)
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
+        im = ax.imshow([lr[k] for k in labels], aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_title("kept fraction per layer (question-aware)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / "layer-kept.png", dpi=110)
+        plt.close(fig)
+        written.append("layer-kept.png")
+    return written
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--summary", default=str(ROOT / "results/summary.json"))
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    a = ap.parse_args()
+    p = Path(a.summary)
+    if not p.exists():
+        sys.exit(f"report: {p} not found; run `python3 eval/run.py` first")
+    s = json.loads(p.read_text())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = plots(s, out)
+    (out / "RESULTS.md").write_text(markdown(s) + "\n")
+    print(f"report: wrote {out / 'RESULTS.md'}" + (f", {', '.join(written)}" if written else ""))
+
+
+if __name__ == "__main__":
+    main()

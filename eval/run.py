@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""Fidelity and retrieval evaluation of the KV policies (EVALUATION.md, ALGORITHMS.md §6).
+
+Runs build/llama/bin/kvc-eval (one model load per group of jobs, one process at a time, -t 1)
+over task instances from eval/tasks.py in question-aware and question-agnostic mode, plus
+teacher-forced fidelity runs, writes results/raw/<preset>.jsonl (one line per job, kept for
+--resume) and results/summary.json, then checks the assertions of the preset.
+
+Every score is relative to the full cache (policy none) on the same input:
+  accuracy   tasks.correct(answer, expected)
+  agreement  the answer (first sentence of the greedy output) is the full cache's answer;
+             exact_agreement: all n_predict tokens identical
+  same_score correct() gives the same verdict as for the full cache
+  kept       cells held after the prompt / prompt tokens (fidelity: after the context)
+  KL, top1   teacher-forced KL(p_full || p_policy) and top-1 agreement over the continuation
+
+  python3 eval/run.py --preset quick            # CI: < 8 min on 2 cores, exits 1 on a failed check
+  python3 eval/run.py --preset full --resume    # README numbers (hours); --max-minutes to cut
+  python3 eval/run.py --preset reduced --resume # 1K tokens, fewer instances (what fits in ~45 min)
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "eval"))
+import tasks  # noqa: E402
+
+FIXED = ["streaming", "h2o", "snapkv", "tova", "knorm", "pyramidkv", "dynamickv", "adakv"]
+RATIOS = [0.25, 0.5, 0.75, 0.9]
+DBUDGET_T = [0.005, 0.01, 0.02, 0.05]
+GVOTE_Q = [0.25, 0.5, 0.75]
+GVOTE_P = [0.9, 0.95]
+N_PREDICT = {"passkey": 10, "needle-single": 12, "needle-multikey": 12, "needle-multivalue": 24,
+             "needle-multiquery": 24, "vartrack": 8}
+
+
+def setting(policy, **params):
+    ps = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()]
+    label = " ".join([policy] + ps)
+    return {"label": label, "policy": policy, "params": ps,
+            "budget_free": policy in ("dbudget", "gvote", "none")}
+
+
+def all_settings(core_only=False):
+    """Every sweep; core_only: h2o, tova, knorm and pyramidkv at ratio 0.5 and 0.9 only."""
+    s = [setting("none")]
+    for pol in FIXED:
+        rs = RATIOS if not core_only or pol in ("streaming", "snapkv", "adakv", "dynamickv") else [0.5, 0.9]
+        s += [setting(pol, ratio=r) for r in rs]
+    s += [setting("dbudget", threshold=t) for t in DBUDGET_T]
+    s += [setting("gvote", quorum=q) for q in GVOTE_Q]
+    s += [setting("gvote", p=p) for p in GVOTE_P if p != 0.95]  # p=0.95 is the default (quorum 0.5)
+    return s
+
+
+def pick(labels):
+    by = {s["label"]: s for s in all_settings()}
+    out = []
+    for lab in labels:
+        if lab in by:
+            out.append(by[lab])
+        else:
+            pol, *ps = lab.split()
+            out.append({"label": lab, "policy": pol, "params": ps, "budget_free": pol in ("dbudget", "gvote", "none")})
+    return out
+
+
+DEFAULT_BF = ["dbudget", "gvote"]  # default settings of the budget-free policies
+
+PRESETS = {
+    "quick": dict(
+        lengths=[1024], depths=[0.25, 0.5], seeds=[1], tasks=["passkey", "needle-single"],
+        modes=["aware", "agnostic"],
+        settings=pick(["none", "streaming ratio=0.9", "snapkv ratio=0.5"] + DEFAULT_BF),
+        agnostic_settings=None,  # same as settings
+        fidelity=dict(contexts=[1024], cont=128, seeds=[1],
+                      settings=pick(["snapkv ratio=0.5"] + DEFAULT_BF)),
+    ),
+    "reduced": dict(
+        lengths=[1024], depths=[0.25, 0.75], seeds=[1],
+        tasks=["passkey", "needle-single", "needle-multikey", "vartrack"],
+        modes=["aware", "agnostic"],
+        settings=all_settings(core_only=True) + pick(DEFAULT_BF),
+        agnostic_settings=pick(["none", "streaming ratio=0.5", "h2o ratio=0.5", "snapkv ratio=0.5",
+                                "adakv ratio=0.5", "dynamickv ratio=0.5"] + DEFAULT_BF +
+                               ["dbudget threshold=0.05", "gvote quorum=0.25"]),
+        fidelity=dict(contexts=[1024], cont=128, seeds=[1], settings=all_settings(core_only=True) + pick(DEFAULT_BF)),
+    ),
+    "full": dict(
+        lengths=[1024, 2048, 4096], depths=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1],
+        tasks=list(tasks.GENERATORS), modes=["aware", "agnostic"],
+        settings=all_settings() + pick(DEFAULT_BF), agnostic_settings=None,
+        fidelity=dict(contexts=[1024, 2048, 4096], cont=256, seeds=[1],
+                      settings=all_settings() + pick(DEFAULT_BF)),
+    ),
+}
+
+
+def dedup(settings):
+    seen, out = set(), []
+    for s in settings:
+        if s["label"] not in seen:
+            seen.add(s["label"])
+            out.append(s)
+    return out
+
+
+def fidelity_text(tokens, cont, seed):
+    import random
+    rng = random.Random(1000 + seed)
+    cpt = tasks.CHARS_PER_TOKEN["prose"]
+    text = tasks.prose(int((tokens + cont) * cpt), rng)
+    cut = text.rfind(" ", 0, int(tokens * cpt))
+    return text[:cut], text[cut:]
+
+
+def build_groups(cfg):
+    """Groups of jobs, one kvc-eval process each, in priority order (fidelity, aware, agnostic)."""
+    groups = []
+    fid = cfg["fidelity"]
+    for n in fid["contexts"]:
+        for seed in fid["seeds"]:
+            ctx, cont = fidelity_text(n, fid["cont"], seed)
+            iid = f"fid-{n}-{fid['cont']}-{seed}"
+            jobs = [dict(id=f"fidelity|{iid}|{s['label']}", mode="fidelity", policy=s["policy"], params=s["params"],
+                         context=ctx, continuation=cont,
+                         tag=dict(instance=iid, label=s["label"], target_tokens=n))
+                    for s in dedup(fid["settings"]) if s["policy"] != "none"]
+            groups.append((f"fidelity {iid}", n + fid["cont"], jobs))
+    # instance-major (every mode and setting of an instance together), so that a run cut by
+    # --max-minutes still compares every setting on the same instances
+    for seed in cfg["seeds"]:
+        for n in cfg["lengths"]:
+            for d in cfg["depths"]:
+                for task in cfg["tasks"]:
+                    inst = tasks.make(task, n, d, seed)
+                    for mode in cfg["modes"]:
+                        settings = dedup(cfg["settings"] if mode == "aware" or not cfg.get("agnostic_settings")
+                                         else cfg["agnostic_settings"])
+                        jobs = [dict(id=f"{mode}|{inst['id']}|{s['label']}", mode=mode, policy=s["policy"],
+                                     params=s["params"], context=inst["context"], question=inst["question"],
+                                     n_predict=N_PREDICT.get(task, 12),
+                                     tag=dict(instance=inst["id"], task=task, depth=d, target_tokens=n,
+                                              expected=inst["answer"], label=s["label"]))
+                                for s in settings]
+                        groups.append((f"{mode} {inst['id']}", n, jobs))
+    return groups
+
+
+def read_raw(path):
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "error" not in r:
+                rows[r["id"]] = r
+    return rows
+
+
+def run_group(binary, model, jobs, n_tokens, raw_path, threads, tmpdir):
+    n_ctx = int(n_tokens * 1.3) + 512
+    n_ctx = (n_ctx + 255) // 256 * 256
+    jobs_path = tmpdir / "jobs.jsonl"
+    jobs_path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    cmd = [str(binary), "-m", model, "-t", str(threads), "-c", str(n_ctx), "-b", "512",
+           "--eval-jobs", str(jobs_path), "--eval-out", str(raw_path)]
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        tail = "\n".join(p.stderr.strip().splitlines()[-8:])
+        print(f"eval: kvc-eval exited {p.returncode}:\n{tail}", file=sys.stderr)
+    return p.returncode
+
+
+def answer_part(text):
+    """The answer proper: first line, up to the end of the first sentence (what follows is free text
+    that differs with tokenization boundaries even between two full-cache runs)."""
+    t = text.strip().split("\n")[0].strip()
+    cut = t.find(". ")
+    t = t[:cut] if cut != -1 else t
+    return t.rstrip(". ")
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(rows, cfg, meta):
+    tasks_rows = [r for r in rows.values() if r["mode"] in ("aware", "agnostic")]
+    ref = {(r["mode"], r["tag"]["instance"]): r for r in tasks_rows if r["policy"] == "none"}
+    out = {"meta": meta, "tasks": [], "fidelity": [], "layer_kept": {}}
+    groups = {}
+    for r in tasks_rows:
+        groups.setdefault((r["mode"], r["tag"]["label"]), []).append(r)
+    order = {s["label"]: i for i, s in enumerate(dedup(cfg["settings"] + (cfg.get("agnostic_settings") or [])))}
+    for (mode, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 999))):
+        per = []
+        for r in rs:
+            t = r["tag"]
+            ok = tasks.correct(r["answer"], t["expected"])
+            f = ref.get((mode, t["instance"]))
+            agree = f is not None and answer_part(r["answer"]) == answer_part(f["answer"])
+            exact = f is not None and r["answer"].strip() == f["answer"].strip()
+            same = f is not None and ok == tasks.correct(f["answer"], t["expected"])
+            kept = r["cells_held_prompt"] / r["n_prompt"] if r["n_prompt"] else None
+            kept_end = r["cells_held"] / (r["n_prompt"] + r["n_decoded"] + 1)
+            per.append(dict(instance=t["instance"], task=t["task"], depth=t["depth"], correct=ok, agree=agree, exact=exact,
+                            same_score=same, kept=kept, kept_end=kept_end, prefill_ms=r["prefill_ms"],
+                            ref_prefill_ms=f["prefill_ms"] if f else None))
+        by_task = {}
+        for p in per:
+            by_task.setdefault(p["task"], []).append(p["correct"])
+        s0 = rs[0]
+        out["tasks"].append(dict(
+            mode=mode, label=label, policy=s0["policy"], params=s0["params"],
+            budget_free=s0["policy"] in ("dbudget", "gvote", "none"), n=len(per),
+            accuracy=mean([p["correct"] for p in per]), agreement=mean([p["agree"] for p in per]),
+            exact_agreement=mean([p["exact"] for p in per]),
+            same_score=mean([p["same_score"] for p in per]),
+            kept_fraction=mean([p["kept"] for p in per]), kept_end_fraction=mean([p["kept_end"] for p in per]),
+            prefill_ms=mean([p["prefill_ms"] for p in per]),
+            prefill_ratio=mean([p["prefill_ms"] / p["ref_prefill_ms"] for p in per if p["ref_prefill_ms"]]),
+            accuracy_by_task={k: mean(v) for k, v in sorted(by_task.items())},
+            instances=per))
+        lk = [r["layer_kept"] for r in rs if r.get("layer_kept")]
+        if lk and mode == "aware":
+            n_layer = len(lk[0])
+            out["layer_kept"][label] = [mean([x[i] / r["n_prompt"] for x, r in zip(lk, rs) if len(x) == n_layer])
+                                        for i in range(n_layer)]
+    fgroups = {}
+    for r in rows.values():
+        if r["mode"] == "fidelity":
+            fgroups.setdefault(r["tag"]["label"], []).append(r)
+    for label in sorted(fgroups, key=lambda l: order.get(l, 999)):
+        rs = fgroups[label]
+        out["fidelity"].append(dict(
+            label=label, policy=rs[0]["policy"], params=rs[0]["params"],
+            budget_free=rs[0]["policy"] in ("dbudget", "gvote"), n_runs=len(rs),
+            n_positions=sum(r["n_positions"] for r in rs),
+            kept_fraction=mean([r["cells_held_prefill"] / r["n_context"] for r in rs]),
+            kl_mean=mean([r["kl_mean"] for r in rs]), kl_median=mean([r["kl_median"] for r in rs]),
+            kl_p99=max(r["kl_p99"] for r in rs), kl_max=max(r["kl_max"] for r in rs),
+            top1=mean([r["top1"] for r in rs]), dp_mean=mean([r["dp_mean"] for r in rs]),
+            nll_delta=mean([r["nll_policy"] - r["nll_full"] for r in rs]),
+            contexts=sorted({r["n_context"] for r in rs})))
+    return out
+
+
+def checks(summary, preset):
+    """(name, ok, detail) for every assertion the data allows."""
+    res = []
+    t = {(s["mode"], s["label"]): s for s in summary["tasks"]}
+    for mode in ("aware", "agnostic"):
+        full = t.get((mode, "none"))
+        if not full:
+            continue
+        pk = [p for p in full["instances"] if p["task"] == "passkey"]
+        if pk:
+            ok = all(p["correct"] for p in pk)
+            res.append((f"{mode}: full cache retrieves every passkey (sanity)", ok,
+                        f"{sum(p['correct'] for p in pk)}/{len(pk)}"))
+        st = t.get((mode, "streaming ratio=0.9"))
+        if st:
+            mid = lambda rows: [p for p in rows if 0.2 <= p["depth"] <= 0.8 and p["task"].startswith(("needle", "passkey"))]  # noqa: E731
+            fa, sa = mean([p["correct"] for p in mid(full["instances"])]), mean([p["correct"] for p in mid(st["instances"])])
+            if fa is not None:
+                res.append((f"{mode}: streaming ratio=0.9 scores below the full cache on mid-depth needles (known bad)",
+                            sa < fa, f"streaming {sa:.2f} vs full {fa:.2f}"))
+        for lab in DEFAULT_BF:
+            s = t.get((mode, lab))
+            if s:
+                bad = [p["instance"] for p in s["instances"] if not p["agree"]]
+                res.append((f"{mode}: {lab} (defaults) gives the full cache's answer on every instance", not bad,
+                            f"agreement {s['agreement']:.2f}, kept {s['kept_fraction']:.2f}" +
+                            (f"; differs on {', '.join(bad)}" if bad else "")))
+    for f in summary["fidelity"]:
+        ok = all(math.isfinite(f[k]) for k in ("kl_mean", "kl_max", "top1")) and f["n_positions"] > 0
+        res.append((f"fidelity: {f['label']} produced finite KL/top-1", ok,
+                    f"KL {f['kl_mean']:.4f}, top-1 {f['top1']:.3f}, kept {f['kept_fraction']:.2f}"))
+    for s in summary["tasks"]:
+        if s["policy"] in ("streaming", "snapkv") and s["mode"] == "aware":
+            expect = 1.0 - float(s["params"][0].split("=")[1])
+            ok = s["kept_fraction"] is not None and abs(s["kept_fraction"] - expect) < 0.02
+            res.append((f"aware: {s['label']} keeps {expect:.2f} of the prompt", ok, f"kept {s['kept_fraction']:.3f}"))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    ap.add_argument("--resume", action="store_true", help="keep results/raw/<preset>.jsonl and skip jobs already there")
+    ap.add_argument("--max-minutes", type=float, default=0, help="start no new group after this (0 = no limit)")
+    ap.add_argument("--summarize-only", action="store_true", help="no model runs; summarize the raw file")
+    ap.add_argument("--threads", "-t", type=int, default=1)
+    ap.add_argument("--bin", default=str(ROOT / "build/llama/bin/kvc-eval"))
+    ap.add_argument("--model", default=None, help="GGUF (default: scripts/llama.sh model)")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    a = ap.parse_args()
+
+    cfg = PRESETS[a.preset]
+    out_dir = Path(a.out)
+    raw_dir = out_dir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw_path = raw_dir / f"{a.preset}.jsonl"
+    model = a.model or subprocess.run(["bash", str(ROOT / "scripts/llama.sh"), "model"], capture_output=True,
+                                      text=True, check=True).stdout.strip()
+
+    groups = build_groups(cfg)
+    n_jobs = sum(len(g[2]) for g in groups)
+    complete = True
+    t0 = time.time()
+    if not a.summarize_only:
+        if not Path(a.bin).exists():
+            sys.exit(f"eval: {a.bin} not found; run `bash scripts/llama.sh build` (or `all`)")
+        if not Path(model).exists():
+            sys.exit(f"eval: model {model} not found; run `bash scripts/llama.sh fetch`")
+        if not a.resume and raw_path.exists():
+            raw_path.unlink()
+        tmpdir = raw_dir / f".{a.preset}.tmp"
+        tmpdir.mkdir(exist_ok=True)
+        done = read_raw(raw_path)
+        print(f"eval: preset {a.preset}: {n_jobs} jobs in {len(groups)} groups, {len(done)} already done", flush=True)
+        for name, n_tokens, jobs in groups:
+            todo = [j for j in jobs if j["id"] not in done]
+            if not todo:
+                continue
+            if a.max_minutes and time.time() - t0 > a.max_minutes * 60:
+                print(f"eval: --max-minutes {a.max_minutes:g} reached; the rest is left for --resume", flush=True)
+                complete = False
+                break
+            tg = time.time()
+            run_group(a.bin, model, todo, n_tokens, raw_path, a.threads, tmpdir)
+            done = read_raw(raw_path)
+            print(f"eval: {name}: {len(todo)} jobs in {time.time() - tg:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
+
+    rows = read_raw(raw_path)
+    wanted = {j["id"] for g in groups for j in g[2]}
+    rows = {k: v for k, v in rows.items() if k in wanted}
+    complete = complete and len(rows) == len(wanted)
+    meta = dict(
+        preset=a.preset, complete=complete, jobs_done=len(rows), jobs_total=len(wanted),
+        model=Path(model).name, cache_type="f16",
+        llama_cpp=(ROOT / "patches/LLAMA_CPP_COMMIT").read_text().strip(),
+        machine=f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores", threads=a.threads,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        lengths=cfg["lengths"], depths=cfg["depths"], tasks=cfg["tasks"], seeds=cfg["seeds"],
+        fidelity_contexts=cfg["fidelity"]["contexts"], fidelity_continuation=cfg["fidelity"]["cont"],
+        wall_s=None if a.summarize_only else round(time.time() - t0),
+        model_s=round(sum(r.get("prefill_ms", 0) + r.get("decode_ms", 0) + r.get("ref_prefill_ms", 0) +
+                          r.get("ref_decode_ms", 0) for r in rows.values()) / 1000))
+    summary = summarize(rows, cfg, meta)
+    res = checks(summary, a.preset)
+    summary["checks"] = [dict(name=n, ok=ok, detail=d) for n, ok, d in res]
+    name = "summary.json" if a.preset != "quick" else "summary-quick.json"
+    (out_dir / name).write_text(json.dumps(summary, indent=1) + "\n")
+
+    for s in summary["tasks"]:
+        print(f"  {s['mode']:8s} {s['label']:26s} n={s['n']:3d} kept={s['kept_fraction']:.3f} acc={s['accuracy']:.3f} "
+              f"agree={s['agreement']:.3f}")
+    for f in summary["fidelity"]:
+        print(f"  fidelity {f['label']:26s} kept={f['kept_fraction']:.3f} KL={f['kl_mean']:.4f} p99={f['kl_p99']:.3f} "
+              f"top1={f['top1']:.3f}")
+    n_fail = 0
+    for n, ok, d in res:
+        print(f"{'PASS' if ok else 'FAIL'}: {n} ({d})")
+        n_fail += not ok
+    if not complete:
+        print(f"eval: incomplete: {len(rows)}/{len(wanted)} jobs have results")
+    print(f"eval: wrote {out_dir / name} in {time.time() - t0:.0f} s")
+    print(f"eval: {len(res) - n_fail} passed, {n_fail} failed")
+    sys.exit(1 if n_fail or (not complete and a.preset == "quick") else 0)
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    main()
