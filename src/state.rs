@@ -97,22 +97,28 @@ impl Default for SeqState {
 }
 
 impl SeqState {
-    /// Append query rows. A row at or below the newest position known (the newest row, or the
-    /// newest position `due` saw) means the sequence was rewound and is being decoded again from
-    /// that position: everything remembered from there on is dropped first, and the next `due`
-    /// counts every held cell as new (the rewind point itself may lie below the rows pushed).
+    /// Note that a call brings tokens from position `first` on. A position at or below the
+    /// newest one known (the newest row, or the newest position `due` saw) means the sequence
+    /// was rewound and is being decoded again from there: everything remembered from `first` on
+    /// is dropped, and the next `due` counts every held cell as new (the rewind point itself
+    /// may lie below `first`). Call it with the lowest position of a call even when only the
+    /// newest rows are kept, or a rewind hidden in the dropped rows goes unseen.
+    pub fn rewind_if_before(&mut self, first: i32) {
+        let newest = self
+            .ring
+            .back()
+            .map_or(self.last_max_pos, |r| r.pos.max(self.last_max_pos));
+        if first <= newest {
+            self.truncate_after(first - 1);
+            self.last_max_pos = -1;
+        }
+    }
+
+    /// Append query rows (ascending positions), detecting rewinds as
+    /// [`rewind_if_before`](Self::rewind_if_before) does; the ring keeps the newest `cap`.
     pub fn push(&mut self, rows: Vec<QueryRow>, cap: usize) {
         for row in rows {
-            let newest = self
-                .ring
-                .back()
-                .map_or(self.last_max_pos, |r| r.pos.max(self.last_max_pos));
-            if row.pos <= newest {
-                self.truncate_after(row.pos - 1);
-                // the engine may push only the newest rows of a call, so the rewind point can
-                // lie below this row: the next `due` counts every held cell as new
-                self.last_max_pos = -1;
-            }
+            self.rewind_if_before(row.pos);
             self.ring.push_back(row);
         }
         while self.ring.len() > cap.max(1) {
@@ -159,6 +165,27 @@ mod tests {
         );
         s.push(vec![row(7)], 4);
         assert_eq!(s.ring.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![6, 7]);
+    }
+
+    #[test]
+    fn a_rewind_in_dropped_rows_is_seen_through_the_first_position() {
+        let mut s = SeqState::default();
+        s.push((0..20).map(row).collect(), 2);
+        s.last_max_pos = 19;
+        s.seen_at_last_run = 20;
+        // the engine re-processes 6..20 but only rows 19 and 20 fit the ring
+        s.rewind_if_before(6);
+        s.push(vec![row(19), row(20)], 2);
+        assert_eq!(s.last_max_pos, -1);
+        assert_eq!(s.seen_at_last_run, 6);
+        assert_eq!(
+            s.ring.iter().map(|r| r.pos).collect::<Vec<_>>(),
+            vec![19, 20]
+        );
+        // an ordinary next token is no rewind
+        s.last_max_pos = 20;
+        s.rewind_if_before(21);
+        assert_eq!(s.last_max_pos, 20);
     }
 
     #[test]
