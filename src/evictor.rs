@@ -133,8 +133,14 @@ impl Evictor {
         }
     }
 
+    /// Query rows remembered per sequence. Scorers that read the newest rows need just those;
+    /// accumulating scorers (H2O) read every row since their last run, so they also hold one
+    /// decode interval. A row is `n_layer * n_head * head_dim` floats (512 KiB for an 8B model).
     fn ring_cap(&self) -> usize {
-        self.q_window().max(1) + self.policy.interval
+        match self.policy.scorer.as_ref().map(|s| s.queries()) {
+            Some(QuerySel::Unconsumed) => self.q_window().max(1) + self.policy.interval,
+            _ => self.q_window().max(1),
+        }
     }
 
     /// Remember the newest query rows of a sequence. `q` is `[n_layer][n_q][n_head*head_dim]`.
@@ -168,6 +174,11 @@ impl Evictor {
         if self.q_window() == 0 || n_q == 0 {
             return Ok(());
         }
+        // a rewind shows in the call's lowest position, which the trimming below may drop
+        self.seqs
+            .entry(seq_id)
+            .or_default()
+            .rewind_if_before(q_pos[0]);
         // keep only what the ring can hold, transposed to token-major rows
         let keep_from = n_q.saturating_sub(self.ring_cap());
         let rows = (keep_from..n_q)
@@ -199,15 +210,22 @@ impl Evictor {
         let interval = self.policy.interval;
         let st = self.seqs.entry(s.seq_id).or_default();
         let max_pos = *s.pos.last().unwrap_or(&-1);
-        if max_pos < st.last_max_pos {
+        // a sequence that now ends below what it reached before was rewound and re-filled
+        // (the server re-processing a prompt): everything after the rewind point is new, and
+        // the library cannot tell where that point was, so the whole view counts as new
+        let rewound = max_pos < st.last_max_pos;
+        if rewound {
             st.truncate_after(max_pos);
         }
-        let n_new = s
-            .pos
-            .iter()
-            .rev()
-            .take_while(|&&p| p > st.last_max_pos)
-            .count();
+        let n_new = if rewound {
+            s.pos.len()
+        } else {
+            s.pos
+                .iter()
+                .rev()
+                .take_while(|&&p| p > st.last_max_pos)
+                .count()
+        };
         st.last_max_pos = max_pos;
         if s.max_cells > 0 && s.pos.len() > s.max_cells {
             return Ok(true);
@@ -247,12 +265,6 @@ impl Evictor {
                 )));
             }
             k.validate(&shape)?;
-            if self.backend == Backend::Cuda {
-                #[cfg(feature = "cuda")]
-                return Err(Error::CudaUnavailable(
-                    "device scoring is not available in this build".into(),
-                ));
-            }
             Some(k)
         } else {
             None
@@ -281,24 +293,52 @@ impl Evictor {
         };
         let n_units = shape.n_layer * shape.n_head_kv;
         let rule = self.policy.rule.as_ref();
-        let results: Vec<Result<UnitOut>> = self.par.map(n_units, |u| {
-            let (layer, kv_head) = (u / shape.n_head_kv, u % shape.n_head_kv);
-            let mut buf = Vec::new();
-            if let Some(k) = keys {
-                k.gather_head_t(&shape, layer, kv_head, &mut buf)?;
-            }
-            let ctx = UnitCtx {
-                shape: &shape,
-                layer,
-                kv_head,
-                keys: &buf,
-                pos: s.pos,
-                queries: &queries,
-                carry: carry.as_ref().map(|c| c[u].as_slice()),
-                protected: &prot,
-            };
-            Ok((scorer.score_unit(&ctx), rule.unit_evidence(&ctx)))
-        });
+        // K in device memory: scored by the CUDA backend (Evictor::new refused Cuda otherwise)
+        #[cfg(feature = "cuda")]
+        let device = match keys {
+            Some(k) if self.backend == Backend::Cuda => Some(crate::backend::cuda::score_units(
+                &crate::backend::cuda::UnitsIn {
+                    policy: &self.policy,
+                    shape: &shape,
+                    keys: k,
+                    pos: s.pos,
+                    queries: &queries,
+                    carry: carry.as_deref(),
+                    protected: &prot,
+                    par: &self.par,
+                },
+            )?),
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let device: Option<Vec<UnitOut>> = if self.backend == Backend::Cuda && keys.is_some() {
+            return Err(Error::CudaUnavailable(
+                "libkvcompress was built without the `cuda` feature".into(),
+            ));
+        } else {
+            None
+        };
+        let results: Vec<Result<UnitOut>> = match device {
+            Some(d) => d.into_iter().map(Ok).collect(),
+            None => self.par.map(n_units, |u| {
+                let (layer, kv_head) = (u / shape.n_head_kv, u % shape.n_head_kv);
+                let mut buf = Vec::new();
+                if let Some(k) = keys {
+                    k.gather_head_t(&shape, layer, kv_head, &mut buf)?;
+                }
+                let ctx = UnitCtx {
+                    shape: &shape,
+                    layer,
+                    kv_head,
+                    keys: &buf,
+                    pos: s.pos,
+                    queries: &queries,
+                    carry: carry.as_ref().map(|c| c[u].as_slice()),
+                    protected: &prot,
+                };
+                Ok((scorer.score_unit(&ctx), rule.unit_evidence(&ctx)))
+            }),
+        };
         let mut units = Vec::with_capacity(n_units);
         let mut evidence = Vec::with_capacity(n_units);
         for r in results {
@@ -328,24 +368,39 @@ impl Evictor {
         let n_prot = prot.iter().filter(|&&p| p).count();
         let per_unit = target.saturating_sub(n_prot);
         let budgets = self.policy.allocator.allocate(&grid, &cand, per_unit);
-        let unit_keep: Vec<Vec<bool>> = grid
-            .units
+        let ranks: Vec<Vec<u32>> = self.par.map(grid.units.len(), |u| {
+            select::unit_ranks(&grid.units[u], s.pos, &prot)
+        });
+        let mut unit_keep: Vec<Vec<bool>> = ranks
             .iter()
             .zip(&budgets)
-            .map(|(sc, &b)| select::unit_keep(sc, s.pos, &prot, b))
+            .map(|(r, &b)| select::keep_from_ranks(r, &prot, b))
             .collect();
         let keep = match self.policy.granularity {
             Granularity::Token => {
-                let ranking = decision
-                    .ranking
-                    .unwrap_or_else(|| select::votes_ranking(&unit_keep, &grid.token_mean()));
+                let ranking = decision.ranking.unwrap_or_else(|| {
+                    if self.policy.allocator.uniform() {
+                        select::best_rank_ranking(&ranks, &grid.token_mean())
+                    } else {
+                        select::votes_ranking(&unit_keep, &grid.token_mean())
+                    }
+                });
                 select::project(&ranking, s.pos, &prot, target)
             }
-            // finer granularities free only what no unit keeps
+            // finer granularities free only what no unit keeps; when that union is over the
+            // engine's cap, the cells most units keep win and the unit sets are trimmed to them
             Granularity::Layer | Granularity::Head => {
                 let mut k = select::pinned(s.pos);
                 for uk in &unit_keep {
                     k.iter_mut().zip(uk).for_each(|(a, &b)| *a |= b);
+                }
+                let held = k.iter().filter(|&&x| x).count();
+                if s.max_cells > 0 && held > s.max_cells {
+                    let ranking = select::votes_ranking(&unit_keep, &grid.token_mean());
+                    k = select::project(&ranking, s.pos, &prot, target.min(s.max_cells));
+                    for uk in &mut unit_keep {
+                        uk.iter_mut().zip(&k).for_each(|(a, &b)| *a &= b);
+                    }
                 }
                 k
             }

@@ -36,6 +36,42 @@ fn sort_desc(idx: &mut [usize], score: &[f32], pos: &[i32]) {
     idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(pos[b].cmp(&pos[a])));
 }
 
+/// Rank of every candidate within one unit (0 = most worth keeping; score descending, ties
+/// newer first); protected cells get rank 0.
+pub fn unit_ranks(score: &[f32], pos: &[i32], prot: &[bool]) -> Vec<u32> {
+    let mut cand: Vec<usize> = (0..score.len()).filter(|&i| !prot[i]).collect();
+    sort_desc(&mut cand, score, pos);
+    let mut ranks = vec![0u32; score.len()];
+    for (r, &i) in cand.iter().enumerate() {
+        ranks[i] = r as u32;
+    }
+    ranks
+}
+
+/// Keep set of one unit from its ranks: protected cells plus the `b` best candidates.
+pub fn keep_from_ranks(ranks: &[u32], prot: &[bool], b: usize) -> Vec<bool> {
+    ranks
+        .iter()
+        .zip(prot)
+        .map(|(&r, &p)| p || (r as usize) < b)
+        .collect()
+}
+
+/// Token ranking for uniform allocations: a cell ranks by its best rank in any unit (a cell
+/// one head needs badly beats a cell every head finds middling), ties by mean normalized score.
+/// The ranking does not depend on the budget, so a larger budget keeps a superset.
+pub fn best_rank_ranking(ranks: &[Vec<u32>], token_mean: &[f32]) -> Vec<f32> {
+    let n = token_mean.len();
+    let mut best = vec![u32::MAX; n];
+    for r in ranks {
+        best.iter_mut().zip(r).for_each(|(b, &x)| *b = (*b).min(x));
+    }
+    best.iter()
+        .zip(token_mean)
+        .map(|(&b, m)| (n as u32).saturating_sub(b) as f32 + m.clamp(0.0, 0.99))
+        .collect()
+}
+
 /// Keep set of one unit: the protected cells plus the top `b` candidates by `score`.
 pub fn unit_keep(score: &[f32], pos: &[i32], prot: &[bool], b: usize) -> Vec<bool> {
     let mut keep = prot.to_vec();
@@ -48,7 +84,8 @@ pub fn unit_keep(score: &[f32], pos: &[i32], prot: &[bool], b: usize) -> Vec<boo
 }
 
 /// Token ranking from unit keep sets: the number of sets holding each cell, with the mean
-/// normalized score (below 1) as tie-break.
+/// normalized score (below 1) as tie-break. Used when layers or heads get different budgets
+/// (PyramidKV, DynamicKV, Ada-KV), so that the allocation shapes which cells survive.
 pub fn votes_ranking(unit_keep: &[Vec<bool>], token_mean: &[f32]) -> Vec<f32> {
     let mut r: Vec<f32> = token_mean.iter().map(|m| m.clamp(0.0, 0.999)).collect();
     for k in unit_keep {

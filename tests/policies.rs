@@ -723,9 +723,6 @@ fn due_fires_at_the_end_of_a_prompt_after_a_rewind() {
 }
 
 #[test]
-#[ignore = "evictor.rs (not ours): due() cannot tell a re-processed prompt after a rewind from a \
-            decode step when the policy captures no queries: truncate_after(max_pos) resets \
-            last_max_pos to the new maximum, so n_new = 0 and prompt_end is ignored"]
 fn due_fires_at_the_end_of_a_prompt_after_a_rewind_without_queries() {
     assert!(due_after_rewind("streaming"));
     assert!(due_after_rewind("knorm"));
@@ -757,9 +754,6 @@ fn max_cells_caps_the_plan_with_headroom() {
 }
 
 #[test]
-#[ignore = "evictor.rs (not ours): at granularity=layer|head the plan frees only cells no unit \
-            keeps, and the max_cells cap is never applied to that union, so a plan can leave \
-            more than max_cells cells"]
 fn max_cells_caps_finer_granularities_too() {
     // 2 KV heads that want disjoint cells; tokens=4 per head -> the union is larger than 4
     let s = shape(1, 2, 2);

@@ -12,6 +12,9 @@ impl Allocator for Uniform {
         let n_cand = cand.iter().filter(|&&c| c).count();
         vec![per_unit.min(n_cand); grid.units.len()]
     }
+    fn uniform(&self) -> bool {
+        true
+    }
 }
 
 /// Expand one budget per layer to its KV heads (equal share).

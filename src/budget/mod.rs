@@ -145,6 +145,11 @@ pub trait Allocator: Send + Sync {
     /// `per_unit` candidate cells per unit on average → one count per unit (each at most the
     /// number of candidates), summing to `per_unit * n_units` (clamped to what exists).
     fn allocate(&self, grid: &ScoreGrid, cand: &[bool], per_unit: usize) -> Vec<usize>;
+    /// True when every unit always gets the same budget (the token projection then needs no
+    /// allocation at all).
+    fn uniform(&self) -> bool {
+        false
+    }
 }
 
 /// Adjust `v` so it sums to `target`, every entry staying within `cap`; growth goes to the
