@@ -7,6 +7,7 @@
 #   make header     regenerate include/kvcompress.h with the pinned cbindgen
 #   make bench      plan-time benchmark -> results/bench-plan.json (BENCH_QUICK=1: smoke run)
 #   make llama      fetch, patch and build the pinned llama.cpp (scripts/llama.sh all)
+#   make test-llama the llama.cpp end-to-end tests alone (builds patched + baseline first)
 #   make deps       install what a fresh Debian machine needs (idempotent)
 #   make valgrind   the C ABI test under valgrind
 #   make clean      remove target/ and build/ (downloads stay in ~/.cache/kvcompress)
@@ -23,6 +24,8 @@ LIB_A      := $(TARGET_DIR)/release/libkvcompress.a
 C_OUT      := $(TARGET_DIR)/c
 C_FLAGS    := -std=c11 -Wall -Wextra -Werror -pedantic -g -O1
 C_LIBS     := -lpthread -ldl -lm
+# the shared library scripts/llama.sh links llama.cpp against (follows CARGO_TARGET_DIR)
+export KVC_LIB ?= $(abspath $(TARGET_DIR))/release/libkvcompress.so
 
 .PHONY: all build header header-check test fmt-check clippy cargo-test valgrind test-llama \
         bench llama demo deps clean help
@@ -30,7 +33,7 @@ C_LIBS     := -lpthread -ldl -lm
 all: build header-check
 
 help:
-	@sed -n '3,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
 
 build:
 	$(CARGO) build --release
@@ -69,11 +72,13 @@ valgrind: build
 	  --errors-for-leak-kinds=definite \
 	  --track-origins=yes $(C_OUT)/abi_test-vg
 
-# end-to-end tests against the patched llama.cpp (tests/llama/run-all.sh). When the script
-# exists it must run and pass; its absence is reported loudly, never skipped in silence.
+# end-to-end tests against the patched llama.cpp (tests/llama/run-all.sh). They need the
+# patched and the unpatched builds (build/llama, build/base/llama; cached, incremental, ccache).
+# When the script exists it must run and pass; its absence is reported loudly, never skipped in
+# silence.
 test-llama: build
 	@if [ -f tests/llama/run-all.sh ]; then \
-	  bash tests/llama/run-all.sh; \
+	  bash scripts/llama.sh all && bash scripts/llama.sh baseline && bash tests/llama/run-all.sh; \
 	else \
 	  echo "!!! test-llama: tests/llama/run-all.sh does not exist: llama.cpp end-to-end tests NOT RUN" >&2; \
 	fi
