@@ -344,8 +344,8 @@ fn grid(n: usize, block: u32, y: usize) -> LaunchConfig {
 fn check_device_pointer(gpu: &Gpu, layer: usize, ptr: u64) -> Result<()> {
     use cudarc::driver::sys;
     let mut ordinal: i32 = -1;
-    // SAFETY: the driver writes one int for CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL; the context
-    // was bound to this thread by the stream operations before.
+    // SAFETY: the driver writes one int for CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL into `ordinal`;
+    // run() bound the context to this thread first. An unknown pointer returns an error code.
     let rc = unsafe {
         sys::cuPointerGetAttribute(
             &mut ordinal as *mut i32 as *mut std::ffi::c_void,
@@ -556,10 +556,16 @@ fn run(gpu: &Gpu, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
             .arg(&scale)
             .arg(&stat_d)
             .arg(&prot_d)
-            .arg(&mut recv_d)
-            .arg(&mut last_d);
+            .arg(&mut recv_d);
+        // the kernel skips the evidence when `last` is null
+        let no_last = 0u64;
+        if want_evidence {
+            b.arg(&mut last_d);
+        } else {
+            b.arg(&no_last);
+        }
         // SAFETY: matches attn_accum_<T>; recv and last hold n_head*n floats (every entry is
-        // written: nq > 0 here), prot n bytes.
+        // written: nq > 0 here), prot n bytes; a null `last` is checked in the kernel.
         unsafe { b.launch(grid(n, BLOCK, n_kv)) }.map_err(drv("attn_accum"))?;
 
         if want_evidence {
