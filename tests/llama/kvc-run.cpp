@@ -9,6 +9,7 @@
 //   --kvc-prompt2 FILE   a second prompt, run as sequence 1 in the same context (use -np 2)
 //   --kvc-logits FILE    append the logits of every sampled step (f32, n_vocab each) to FILE
 //   --kvc-unified        one KV stream shared by all sequences (-kvu is not a completion option)
+//   --kvc-joint          prefill all sequences together: each call holds n_batch/n_seqs tokens of each
 //
 // Built in two flavours: with the patch (KVC_RUN_PATCHED) and against an unpatched llama.cpp
 // (no --kv-policy; used to check that `--kv-policy none` changes nothing).
@@ -78,6 +79,7 @@ int main(int argc, char ** argv) {
     std::string prompt2_path;
     std::string logits_path;
     bool        unified = false;
+    bool        joint   = false;
 
     std::vector<char *> args;
     for (int i = 0; i < argc; ++i) {
@@ -87,6 +89,8 @@ int main(int argc, char ** argv) {
             logits_path = argv[++i];
         } else if (strcmp(argv[i], "--kvc-unified") == 0) {
             unified = true;
+        } else if (strcmp(argv[i], "--kvc-joint") == 0) {
+            joint = true;
         } else {
             args.push_back(argv[i]);
         }
@@ -157,23 +161,11 @@ int main(int argc, char ** argv) {
     common_batch batch(ctx);
 
     // prefill: every sequence in chunks of n_batch, one decode call per chunk
+    // (--kvc-joint: one call holds a chunk of n_batch/n_seqs tokens of every sequence)
     const int64_t t_prefill_start = ggml_time_us();
-    for (auto & s : seqs) {
-        const int32_t n = (int32_t) s.prompt.size();
-        for (int32_t i = 0; i < n; i += n_batch) {
-            batch.clear();
-            const int32_t n_cur = std::min(n_batch, n - i);
-            for (int32_t j = 0; j < n_cur; ++j) {
-                batch.add(s.prompt[i + j], s.n_past++, s.id, i + j == n - 1);
-            }
-            if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
-                LOG_ERR("%s: decode failed at prompt token %d of seq %d (cache full?)\n", __func__, i, s.id);
-                return 1;
-            }
-        }
 
-        // sample the first token of this sequence right away: later prefills overwrite the logits
-        const float * logits = llama_get_logits_ith(ctx, -1);
+    auto greedy = [&](int32_t idx) {
+        const float * logits = llama_get_logits_ith(ctx, idx);
         if (f_logits) {
             fwrite(logits, sizeof(float), n_vocab, f_logits);
         }
@@ -183,8 +175,48 @@ int main(int argc, char ** argv) {
                 best = t;
             }
         }
-        s.answer.push_back(best);
-        s.done = llama_vocab_is_eog(vocab, best) || params.n_predict <= 1;
+        return best;
+    };
+
+    const int32_t n_chunk = joint ? std::max<int32_t>(1, n_batch/(int32_t) seqs.size()) : n_batch;
+
+    for (size_t is = 0; is < seqs.size(); ++is) {
+        // joint: all sequences advance together in the first pass
+        if (joint && is > 0) {
+            break;
+        }
+        while (true) {
+            batch.clear();
+            for (size_t js = joint ? 0 : is; js < (joint ? seqs.size() : is + 1); ++js) {
+                auto & s = seqs[js];
+                s.i_logits = -1;
+                const int32_t n = (int32_t) s.prompt.size();
+                for (int32_t j = 0; j < n_chunk && s.n_past < n; ++j) {
+                    const bool last = s.n_past == n - 1;
+                    const int32_t idx = batch.add(s.prompt[s.n_past], s.n_past, s.id, last);
+                    s.n_past++;
+                    if (last) {
+                        s.i_logits = idx;
+                    }
+                }
+            }
+            if (batch.size() == 0) {
+                break;
+            }
+            if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
+                LOG_ERR("%s: prompt decode failed (cache full?)\n", __func__);
+                return 1;
+            }
+            // sample the first token of a finished prompt right away: later calls overwrite the logits
+            for (size_t js = joint ? 0 : is; js < (joint ? seqs.size() : is + 1); ++js) {
+                auto & s = seqs[js];
+                if (s.i_logits >= 0) {
+                    const llama_token best = greedy(s.i_logits);
+                    s.answer.push_back(best);
+                    s.done = llama_vocab_is_eog(vocab, best) || params.n_predict <= 1;
+                }
+            }
+        }
     }
     const int64_t t_prefill_end = ggml_time_us();
 
@@ -211,16 +243,7 @@ int main(int argc, char ** argv) {
             if (s.i_logits < 0) {
                 continue;
             }
-            const float * logits = llama_get_logits_ith(ctx, s.i_logits);
-            if (f_logits) {
-                fwrite(logits, sizeof(float), n_vocab, f_logits);
-            }
-            llama_token best = 0;
-            for (int32_t t = 1; t < n_vocab; ++t) {
-                if (logits[t] > logits[best]) {
-                    best = t;
-                }
-            }
+            const llama_token best = greedy(s.i_logits);
             s.answer.push_back(best);
             s.done = llama_vocab_is_eog(vocab, best) || (int32_t) s.answer.size() >= params.n_predict;
         }

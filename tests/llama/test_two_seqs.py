@@ -31,4 +31,18 @@ for label, extra in (("2 streams", ["-c", "4096", "-np", "2"]), ("unified", ["-c
         c.check(s["answer"] == single[i]["answer"] and s["cells_evicted"] > 0,
                 "[%s] seq %d answer %r == single %r (held %d, evicted %d)"
                 % (label, i, s["answer"], single[i]["answer"], s["cells_held"], s["cells_evicted"]))
+
+# joint prefill into tight streams: one call holds 256 tokens of each sequence, each stream has 1024
+# cells, the longer prompt only fits because of eviction; the room kept free for the next batch must
+# be counted per stream (256), not per call (512), so each sequence behaves as when run alone
+tight = ["--kv-policy", "streaming", "-n", "6"]  # its budget is the cap itself
+alone = [k.kvc_run(p, "-c", "1024", "-b", "256", *tight) for p in (p0, p1)]
+r = k.kvc_run(p0, "--kvc-prompt2", p1, "--kvc-joint", "-c", "2048", "-np", "2", "-b", "512", *tight, check=False)
+if not isinstance(r, dict):
+    c.check(False, "[joint, tight streams] runs: %s" % r.stderr[-800:])
+else:
+    for i, s in enumerate(r["seqs"]):
+        c.check(s["answer"] == alone[i]["answer"] and s["cells_held"] == alone[i]["cells_held"],
+                "[joint, tight streams] seq %d answer %r == alone %r, cells held %d == %d"
+                % (i, s["answer"], alone[i]["answer"], s["cells_held"], alone[i]["cells_held"]))
 c.done()
