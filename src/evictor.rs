@@ -241,6 +241,18 @@ impl Evictor {
 
     /// Run the policy on one sequence. `keys` may be `None` only for policies that read no K.
     pub fn plan(&mut self, s: &SeqInput, keys: Option<&Keys>) -> Result<Plan> {
+        self.plan_bounded(s, keys, usize::MAX)
+    }
+
+    /// [`plan`](Self::plan) for a caller that can take at most `evict_cap` evicted cells: a
+    /// larger plan fails with [`Error::BufferTooSmall`] *before* anything is remembered, so the
+    /// same call can be repeated with a larger buffer.
+    pub fn plan_bounded(
+        &mut self,
+        s: &SeqInput,
+        keys: Option<&Keys>,
+        evict_cap: usize,
+    ) -> Result<Plan> {
         s.validate()?;
         let n = s.pos.len();
         let Some(scorer) = self.policy.scorer.as_deref() else {
@@ -426,6 +438,12 @@ impl Evictor {
             e.sort_unstable();
             e
         };
+        if evict.len() > evict_cap {
+            return Err(Error::BufferTooSmall {
+                need: evict.len(),
+                got: evict_cap,
+            });
+        }
         // remember
         let kept_pos: Vec<i32> = s
             .pos

@@ -442,13 +442,9 @@ pub unsafe extern "C" fn kvc_evictor_plan(
             }
             Some(Keys { layers: out, rows })
         };
-        let plan = h.inner.plan(&input, keys.as_ref())?;
-        if plan.evict.len() > evict_cap {
-            return Err(Error::BufferTooSmall {
-                need: plan.evict.len(),
-                got: evict_cap,
-            });
-        }
+        // the evictor checks the capacity before it remembers anything, so a failed call
+        // leaves the sequence as it was and can be retried with a larger buffer
+        let plan = h.inner.plan_bounded(&input, keys.as_ref(), evict_cap)?;
         if !plan.evict.is_empty() {
             if evict.is_null() {
                 return Err(Error::NullArgument("evict"));

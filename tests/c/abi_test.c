@@ -837,13 +837,11 @@ static void test_failed_plan_leaves_no_state(void) {
     CHECK_ST(kvc_evictor_due(ev, &s, &due), KVC_STATUS_OK);
     CHECK(due, "never ran, interval reached, nothing new: due");
     CHECK_ST(kvc_evictor_plan(ev, &s, NULL, 0, &n_ev, NULL), KVC_STATUS_BUFFER_TOO_SMALL);
-    KNOWN_ISSUE(kvc_evictor_layer_kept(ev, 4, counts, N_LAYER) == KVC_STATUS_INVALID_SHAPE,
-                "after BUFFER_TOO_SMALL, layer_kept reports the plan that was never delivered "
-                "(Evictor::plan commits per-sequence state before the FFI checks evict_cap)");
+    CHECK(kvc_evictor_layer_kept(ev, 4, counts, N_LAYER) == KVC_STATUS_INVALID_SHAPE,
+          "after BUFFER_TOO_SMALL, layer_kept must not report the plan that was never delivered");
     due = false;
     CHECK_ST(kvc_evictor_due(ev, &s, &due), KVC_STATUS_OK);
-    KNOWN_ISSUE(due, "after BUFFER_TOO_SMALL the policy is no longer due: the failed plan counts "
-                     "as a run, so nothing is evicted until `interval` more tokens");
+    CHECK(due, "after BUFFER_TOO_SMALL the policy is still due (a failed plan is not a run)");
     kvc_evictor_free(ev);
 }
 
