@@ -371,10 +371,17 @@ impl Evictor {
             protected: &prot,
             n_seen,
         });
+        // leave some room under the cap so the next tokens do not force a run at every step
+        let cap_target = s.max_cells.saturating_sub(s.max_cells / 16);
+        let over_cap = s.max_cells > 0 && n > s.max_cells;
         let mut target = decision.budget.min(n);
-        if s.max_cells > 0 && target > s.max_cells {
-            // leave some room so the next tokens do not force a run at every step
-            target = s.max_cells - s.max_cells / 16;
+        if over_cap && !s.prompt_end {
+            // a capacity-only run in the middle of a prompt: the newest queries are the
+            // prompt's own text, not what will be asked, so free only what the cap demands and
+            // leave the policy's own verdict to the end of the prompt
+            target = cap_target;
+        } else if s.max_cells > 0 && target > s.max_cells {
+            target = cap_target;
         }
         let cand: Vec<bool> = prot.iter().map(|p| !p).collect();
         let n_prot = prot.iter().filter(|&&p| p).count();
@@ -390,13 +397,17 @@ impl Evictor {
             .collect();
         let keep = match self.policy.granularity {
             Granularity::Token => {
-                let ranking = decision.ranking.unwrap_or_else(|| {
-                    if self.policy.allocator.uniform() {
+                // an adaptive rule's ranking carries its verdict (which cells its budget
+                // covers); when the cap binds below that budget the verdict does not apply, and
+                // cells rank by their best rank in any unit like every uniform policy
+                let capped = target < decision.budget.min(n);
+                let ranking = match decision.ranking {
+                    Some(r) if !capped => r,
+                    _ if self.policy.allocator.uniform() => {
                         select::best_rank_ranking(&ranks, &grid.token_mean())
-                    } else {
-                        select::votes_ranking(&unit_keep, &grid.token_mean())
                     }
-                });
+                    _ => select::votes_ranking(&unit_keep, &grid.token_mean()),
+                };
                 select::project(&ranking, s.pos, &prot, target)
             }
             // finer granularities free only what no unit keeps; when that union is over the

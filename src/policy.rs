@@ -163,7 +163,7 @@ fn specs(name: &str) -> Vec<Spec> {
             p("samples", "8", "sampled future queries per head"),
             p(
                 "quorum",
-                "0.5",
+                "0.35",
                 "fraction of (layer, KV head) units that must vote for a cell; 0 = union (keeps most)",
             ),
             p("seed", "0", "sampler seed"),

@@ -72,6 +72,17 @@ pub fn best_rank_ranking(ranks: &[Vec<u32>], token_mean: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// [`best_rank_ranking`] computed straight from per-unit scores.
+pub fn best_rank_of(
+    units: &[Vec<f32>],
+    pos: &[i32],
+    prot: &[bool],
+    token_mean: &[f32],
+) -> Vec<f32> {
+    let ranks: Vec<Vec<u32>> = units.iter().map(|u| unit_ranks(u, pos, prot)).collect();
+    best_rank_ranking(&ranks, token_mean)
+}
+
 /// Keep set of one unit: the protected cells plus the top `b` candidates by `score`.
 pub fn unit_keep(score: &[f32], pos: &[i32], prot: &[bool], b: usize) -> Vec<bool> {
     let mut keep = prot.to_vec();

@@ -390,7 +390,8 @@ proptest! {
         let (plan, keep) = run(&c, "dbudget", &params(&p), 1, 0);
         let n = c.pos.len();
         let prot = select::protected(&c.pos, sinks, window);
-        // the ranking the rule walks: mean over units of the normalized scores
+        // the ranking the rule walks: each cell's best rank over the units, ties by the mean
+        // normalized score
         let qrows = rows(&c, window.max(1));
         let grid = if position {
             ScoreGrid {
@@ -402,7 +403,7 @@ proptest! {
             let scorer = WindowAttention { window: window.max(1), kernel: 1, max_pool: true, gqa: GqaReduce::Mean };
             unit_scores(&c, &scorer, &qrows, &prot)
         };
-        let ranking = grid.token_mean();
+        let ranking = select::best_rank_of(&grid.units, &c.pos, &prot, &grid.token_mean());
         let mut order: Vec<usize> = (0..n).filter(|&i| !prot[i]).collect();
         order.sort_by(|&a, &b| ranking[a].total_cmp(&ranking[b]).then(c.pos[a].cmp(&c.pos[b])));
         // evidence: squared attention of the newest query, per query head, protected zeroed

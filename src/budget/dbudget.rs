@@ -5,8 +5,9 @@
 //! candidate cells (protected cells zeroed). The retained norm after removing a set `R` is
 //! `kept_l(R) = mean_h ||a_lh without R||_2`, and `drop_l = 1 - kept_l(R) / kept_l(∅)`.
 //!
-//! Token-granularity projection (DESIGN.md §2): one global ranking (the mean over units of the
-//! normalized window scores) is walked from the bottom, and the walk stops *before* the first cell
+//! Token-granularity projection (DESIGN.md §2): one global ranking (each cell's best rank over
+//! the units, ties by the mean normalized window score: a cell one head needs badly outranks a
+//! cell every head finds middling, which is how a needle survives) is walked from the bottom, and the walk stops *before* the first cell
 //! whose removal would push any layer's drop above `T`. So every layer keeps its own guarantee.
 
 use super::{BudgetRule, DecideCtx, Decision};
@@ -41,7 +42,8 @@ impl BudgetRule for DBudget {
 
     fn decide(&self, c: &DecideCtx) -> Decision {
         let n = c.pos.len();
-        let ranking = c.grid.token_mean();
+        let ranking =
+            crate::select::best_rank_of(&c.grid.units, c.pos, c.protected, &c.grid.token_mean());
         let order = eviction_order(&ranking, c.pos, c.protected);
         // no queries seen yet: nothing to measure against, keep everything
         if c.evidence.iter().any(|e| e.is_empty()) {

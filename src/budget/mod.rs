@@ -124,12 +124,18 @@ impl BudgetRule for Vote {
             .zip(c.protected)
             .filter(|(&v, &p)| p || v >= need)
             .count();
-        // rank by the share of all ballots (every sampled query of every unit) that chose the
-        // cell: finer than the unit tally, which saturates when most cells get some vote
-        let mut ranking = vec![0.0f32; tally.len()];
-        for u in &c.grid.units {
-            ranking.iter_mut().zip(u).for_each(|(r, s)| *r += s);
-        }
+        // cells with enough votes come first (so the kept set is exactly them plus the
+        // protected cells); within each tier a cell ranks by the best rank it reaches in any
+        // unit's vote shares (a cell every ballot of one head wants beats a cell many heads want
+        // a little): under a tight cap a plain sum of shares let the filler outvote a needle
+        let best =
+            crate::select::best_rank_of(&c.grid.units, c.pos, c.protected, &c.grid.token_mean());
+        let tier = (tally.len() + 2) as f32;
+        let ranking = best
+            .iter()
+            .zip(&tally)
+            .map(|(&b, &v)| if v >= need { b + tier } else { b })
+            .collect();
         Decision {
             budget,
             ranking: Some(ranking),
