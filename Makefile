@@ -3,9 +3,13 @@
 #   make            cargo build --release, then check that include/kvcompress.h is up to date
 #   make demo       build everything, run SmolLM2 with an adaptive policy, show what it saved
 #   make test       everything CI runs (.ci/run): fmt, clippy, cargo tests (C ABI and header
-#                   included), valgrind on the C ABI test, the llama.cpp end-to-end tests
+#                   included), valgrind on the C ABI test, the llama.cpp end-to-end tests,
+#                   the quick evaluation and the CUDA compile check
 #   make header     regenerate include/kvcompress.h with the pinned cbindgen
-#   make bench      plan-time benchmark -> results/bench-plan.json (BENCH_QUICK=1: smoke run)
+#   make bench      plan-time benchmark -> results/bench-plan.json (BENCH_QUICK=1: smoke run),
+#                   then prefill/decode time per policy vs none -> results/bench-prefill.json
+#   make eval       fidelity evaluation (full grid) -> results/ ; eval-quick: CI's small grid
+#   make cuda-check compile every CUDA kernel (PyPI nvcc), build and test the `cuda` feature
 #   make llama      fetch, patch and build the pinned llama.cpp (scripts/llama.sh all)
 #   make test-llama the llama.cpp end-to-end tests alone (builds patched + baseline first)
 #   make deps       install what a fresh Debian machine needs (idempotent)
@@ -28,12 +32,12 @@ C_LIBS     := -lpthread -ldl -lm
 export KVC_LIB ?= $(abspath $(TARGET_DIR))/release/libkvcompress.so
 
 .PHONY: all build header header-check test fmt-check clippy cargo-test valgrind test-llama \
-        bench llama demo deps clean help
+        bench bench-prefill eval eval-quick cuda-check llama demo deps clean help
 
 all: build header-check
 
 help:
-	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,17p' Makefile | sed 's/^# \{0,1\}//'
 
 build:
 	$(CARGO) build --release
@@ -47,7 +51,7 @@ header:
 header-check:
 	$(CARGO) test --release --quiet --test header
 
-test: fmt-check clippy cargo-test build valgrind test-llama
+test: fmt-check clippy cargo-test build valgrind test-llama eval-quick cuda-check
 	@echo "make test: all passed"
 
 fmt-check:
@@ -85,6 +89,23 @@ test-llama: build
 
 bench:
 	$(CARGO) bench --bench plan
+	bash scripts/bench-prefill.sh
+
+# the evaluation of issue 4: retrieval (question-aware and -agnostic) and teacher-forced KL
+# against the full cache. eval-quick is CI's small grid with assertions that can fail; eval runs
+# the full grid and regenerates results/ (RESULTS.md, plots).
+eval-quick: llama
+	$(PYTHON) eval/run.py --preset quick
+
+eval: llama
+	$(PYTHON) eval/run.py --preset full --resume
+	$(PYTHON) eval/report.py
+
+# the CUDA backend: PyPI nvcc (pinned, cached under ~/.cache/kvcompress) compiles every kernel to
+# PTX and cubins, ptxas checks them, the `cuda` feature builds and its tests run (device tests
+# report skipped without a GPU)
+cuda-check:
+	bash scripts/cuda-check.sh
 
 llama: build
 	bash scripts/llama.sh all
