@@ -24,7 +24,8 @@
 // cells_held_prompt (after the whole prompt), cells_held (at the end), cells_evicted, policy_runs,
 // kv_bytes_held, layer_kept, prefill_ms, decode_ms.
 // Output (fidelity): n_context, n_positions, kl_mean, kl_median, kl_p99, kl_max, top1, dp_mean,
-// dp_max, nll_full, nll_policy, cells_held_prefill, cells_held, cells_evicted, kv_bytes_held ...
+// dp_max, nll_full, nll_policy, cells_held_prefill, kept_mean (cells held / tokens seen, averaged
+// over the positions: the policy runs again every `interval` tokens), cells_held, kv_bytes_held ...
 //
 // A failing job prints {"id", "error"} and the driver goes on; the exit status is 1 if any failed.
 
@@ -274,6 +275,7 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
     set_policy(ec, policy, params);
     std::vector<float>  logp(V);
     std::vector<double> kl(n_pos), dp(n_pos);
+    double kept_sum = 0.0; // cells held / tokens seen, averaged over the positions
     double nll_full = 0.0, nll_pol = 0.0;
     size_t n_top1 = 0;
     teacher_force(ec, ctx_toks, cont, pf_ms, dc_ms, held_prefill, [&](size_t j, const float * logits) {
@@ -292,6 +294,7 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
         dp[j] = std::fabs(std::exp((double) lf[ref]) - std::exp((double) logp[ref]));
         nll_full -= lf[ref];
         nll_pol  -= logp[ref];
+        kept_sum += (double) held(ec) / (double) (ctx_toks.size() + j + 1);
     });
 
     double kl_sum = 0.0, dp_sum = 0.0, dp_max = 0.0;
@@ -312,6 +315,7 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
     out["nll_full"]    = nll_full / n_pos;
     out["nll_policy"]  = nll_pol / n_pos;
     out["cells_held_prefill"] = held_prefill;
+    out["kept_mean"]   = kept_sum / n_pos;
     add_stats(ec, out);
     out["prefill_ms"]  = pf_ms;
     out["decode_ms"]   = dc_ms;

@@ -119,9 +119,13 @@ def markdown(s):
              "prompt / prompt tokens; **acc** = expected answer found (`tasks.correct`); **agree** = same answer "
              "(first sentence of the greedy output) as the full cache; aware = question inside the prompt when the "
              "policy runs, agnostic = context compressed first, question appended (the policy runs again at its end). "
-             "KL = mean teacher-forced KL(p_full ‖ p_policy) per token, p99 over tokens, top-1 = argmax agreement.", "",
-             "| policy | kept (aware) | acc | agree | kept (agn.) | acc | agree | kept (TF) | KL mean | KL p99 | KL max | top-1 | mean abs Δp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TF = teacher-forced continuation: the policy runs after the context and again every `interval` (32) "
+             "tokens, so **kept (TF)** is cells held / tokens seen averaged over the continuation and **kept (TF end)** "
+             "the value after the last token. KL = mean KL(p_full ‖ p_policy) per token, p99/max over tokens, "
+             "top-1 = argmax agreement, Δp = |p_full − p_policy| of the true next token. "
+             "`streaming ratio=0` evicts nothing: it measures the noise floor of the hook (must be exactly 0).", "",
+             "| policy | kept (aware) | acc | agree | kept (agn.) | acc | agree | kept (TF) | kept (TF end) | KL mean | KL p99 | KL max | top-1 | mean abs Δp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tasks = {(t["mode"], t["label"]): t for t in s["tasks"]}
     fid = {x["label"]: x for x in s["fidelity"]}
     labels = []
@@ -131,16 +135,21 @@ def markdown(s):
     for lab in labels:
         aw, ag, fi = tasks.get(("aware", lab)), tasks.get(("agnostic", lab)), fid.get(lab)
         if lab == "none":
-            fi = dict(kept_fraction=1.0, kl_mean=0.0, kl_p99=0.0, kl_max=0.0, top1=1.0, dp_mean=0.0)
+            fi = dict(kept_fraction=1.0, kept_end=1.0, kl_mean=0.0, kl_p99=0.0, kl_max=0.0, top1=1.0, dp_mean=0.0)
         row = [f"`{lab}`"]
         for t in (aw, ag):
             row += [f(t and t["kept_fraction"]), f(t and t["accuracy"], "{:.2f}"), f(t and t["agreement"], "{:.2f}")]
-        row += [f(fi and fi["kept_fraction"]), f(fi and fi["kl_mean"], "{:.4f}"), f(fi and fi["kl_p99"], "{:.3f}"),
+        row += [f(fi and fi["kept_fraction"]), f(fi and fi.get("kept_end")), f(fi and fi["kl_mean"], "{:.4f}"), f(fi and fi["kl_p99"], "{:.3f}"),
                 f(fi and fi["kl_max"], "{:.3f}"), f(fi and fi["top1"]), f(fi and fi["dp_mean"], "{:.4f}")]
         lines.append("| " + " | ".join(row) + " |")
     n_inst = {t["mode"]: t["n"] for t in s["tasks"] if t["label"] == "none"}
+    inst = m.get("instances", {})
     lines += ["", f"Instances per setting: aware {n_inst.get('aware', 0)}, agnostic {n_inst.get('agnostic', 0)}; "
-              "with so few instances one miss moves accuracy by 1/n.", "", "## Project targets", "",
+              "with so few instances one miss moves accuracy by 1/n."]
+    for mode in ("aware", "agnostic"):
+        if inst.get(mode):
+            lines.append(f"{mode}: {', '.join('`' + i + '`' for i in inst[mode])}.")
+    lines += ["", "## Project targets", "",
               "| target | verdict | evidence |", "|---|---|---|"]
     for name, verdict, ev in targets(s):
         lines.append(f"| {name} | **{verdict}** | {ev} |")
@@ -209,14 +218,14 @@ def plots(s, out):
             ax.set_ylabel("retrieval accuracy")
             ax.set_ylim(-0.05, 1.08)
             ax.set_title(f"question-{mode} (n={rows[0]['n']} per point)")
-        axes[0][-1].legend(fontsize=8, loc="lower right")
+        axes[0][0].legend(fontsize=8, loc="lower right")
         fig.suptitle(f"{s['meta']['model']}: accuracy vs kept fraction", fontsize=11)
         fig.tight_layout()
         fig.savefig(out / "accuracy-vs-kept.png", dpi=110)
         plt.close(fig)
         written.append("accuracy-vs-kept.png")
     if s["fidelity"]:
-        rows = [dict(x) for x in s["fidelity"]]
+        rows = [dict(x) for x in s["fidelity"] if x["params"] != ["ratio=0"]]  # the noise-floor control
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         curves(axes[0], rows, "kept_fraction", "kl_mean", logy=True)
         axes[0].set_ylabel("mean KL(p_full || p_policy) per token")

@@ -73,6 +73,7 @@ def pick(labels):
 
 
 DEFAULT_BF = ["dbudget", "gvote"]  # default settings of the budget-free policies
+CONTROL = "streaming ratio=0"       # evicts nothing: the hook alone must not change a logit
 
 PRESETS = {
     "quick": dict(
@@ -81,7 +82,7 @@ PRESETS = {
         settings=pick(["none", "streaming ratio=0.9", "snapkv ratio=0.5"] + DEFAULT_BF),
         agnostic_settings=None,  # same as settings
         fidelity=dict(contexts=[1024], cont=128, seeds=[1],
-                      settings=pick(["snapkv ratio=0.5"] + DEFAULT_BF)),
+                      settings=pick([CONTROL, "snapkv ratio=0.5"] + DEFAULT_BF)),
     ),
     "reduced": dict(
         lengths=[1024], depths=[0.25, 0.75], seeds=[1],
@@ -91,14 +92,15 @@ PRESETS = {
         agnostic_settings=pick(["none", "streaming ratio=0.5", "h2o ratio=0.5", "snapkv ratio=0.5",
                                 "adakv ratio=0.5", "dynamickv ratio=0.5"] + DEFAULT_BF +
                                ["dbudget threshold=0.05", "gvote quorum=0.25"]),
-        fidelity=dict(contexts=[1024], cont=128, seeds=[1], settings=all_settings(core_only=True) + pick(DEFAULT_BF)),
+        fidelity=dict(contexts=[1024], cont=128, seeds=[1],
+                      settings=pick([CONTROL]) + all_settings(core_only=True) + pick(DEFAULT_BF)),
     ),
     "full": dict(
         lengths=[1024, 2048, 4096], depths=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1],
         tasks=list(tasks.GENERATORS), modes=["aware", "agnostic"],
         settings=all_settings() + pick(DEFAULT_BF), agnostic_settings=None,
         fidelity=dict(contexts=[1024, 2048, 4096], cont=256, seeds=[1],
-                      settings=all_settings() + pick(DEFAULT_BF)),
+                      settings=pick([CONTROL]) + all_settings() + pick(DEFAULT_BF)),
     ),
 }
 
@@ -197,6 +199,15 @@ def mean(xs):
 
 def summarize(rows, cfg, meta):
     tasks_rows = [r for r in rows.values() if r["mode"] in ("aware", "agnostic")]
+    # a cut run (--max-minutes, or killed): keep only the instances every setting of the mode ran on,
+    # so that all settings are compared on the same inputs
+    n_settings = {m: len(dedup(cfg["settings"] if m == "aware" or not cfg.get("agnostic_settings")
+                               else cfg["agnostic_settings"])) for m in ("aware", "agnostic")}
+    count = {}
+    for r in tasks_rows:
+        count[(r["mode"], r["tag"]["instance"])] = count.get((r["mode"], r["tag"]["instance"]), 0) + 1
+    tasks_rows = [r for r in tasks_rows if count[(r["mode"], r["tag"]["instance"])] == n_settings[r["mode"]]]
+    meta["instances"] = {m: sorted({r["tag"]["instance"] for r in tasks_rows if r["mode"] == m}) for m in ("aware", "agnostic")}
     ref = {(r["mode"], r["tag"]["instance"]): r for r in tasks_rows if r["policy"] == "none"}
     out = {"meta": meta, "tasks": [], "fidelity": [], "layer_kept": {}}
     groups = {}
@@ -247,7 +258,12 @@ def summarize(rows, cfg, meta):
             label=label, policy=rs[0]["policy"], params=rs[0]["params"],
             budget_free=rs[0]["policy"] in ("dbudget", "gvote"), n_runs=len(rs),
             n_positions=sum(r["n_positions"] for r in rs),
-            kept_fraction=mean([r["cells_held_prefill"] / r["n_context"] for r in rs]),
+            # the policy runs again every `interval` tokens of the continuation: kept_fraction is
+            # the mean over the positions (kvc-eval kept_mean), kept_prefill right after the context
+            kept_fraction=mean([r.get("kept_mean", r["cells_held_prefill"] / r["n_context"]) for r in rs]),
+            kept_prefill=mean([r["cells_held_prefill"] / r["n_context"] for r in rs]),
+            kept_end=mean([r["cells_held"] / (r["n_context"] + r["n_positions"]) for r in rs]),
+            policy_runs=mean([r["policy_runs"] for r in rs]),
             kl_mean=mean([r["kl_mean"] for r in rs]), kl_median=mean([r["kl_median"] for r in rs]),
             kl_p99=max(r["kl_p99"] for r in rs), kl_max=max(r["kl_max"] for r in rs),
             top1=mean([r["top1"] for r in rs]), dp_mean=mean([r["dp_mean"] for r in rs]),
@@ -284,6 +300,11 @@ def checks(summary, preset):
                             f"agreement {s['agreement']:.2f}, kept {s['kept_fraction']:.2f}" +
                             (f"; differs on {', '.join(bad)}" if bad else "")))
     for f in summary["fidelity"]:
+        if f["label"] == CONTROL:
+            res.append((f"fidelity: {CONTROL} (evicts nothing) gives the full cache's logits: the hook changes nothing",
+                        f["kl_max"] < 1e-6 and f["top1"] == 1.0 and f["kept_fraction"] > 0.999,
+                        f"KL max {f['kl_max']:.2e}, top-1 {f['top1']:.3f}, kept {f['kept_fraction']:.3f}"))
+            continue
         ok = all(math.isfinite(f[k]) for k in ("kl_mean", "kl_max", "top1")) and f["n_positions"] > 0
         res.append((f"fidelity: {f['label']} produced finite KL/top-1", ok,
                     f"KL {f['kl_mean']:.4f}, top-1 {f['top1']:.3f}, kept {f['kept_fraction']:.2f}"))
@@ -301,6 +322,8 @@ def main():
     ap.add_argument("--resume", action="store_true", help="keep results/raw/<preset>.jsonl and skip jobs already there")
     ap.add_argument("--max-minutes", type=float, default=0, help="start no new group after this (0 = no limit)")
     ap.add_argument("--summarize-only", action="store_true", help="no model runs; summarize the raw file")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the groups whose name contains TEXT (repeatable), e.g. 'fidelity', 'aware passkey'")
     ap.add_argument("--threads", "-t", type=int, default=1)
     ap.add_argument("--bin", default=str(ROOT / "build/llama/bin/kvc-eval"))
     ap.add_argument("--model", default=None, help="GGUF (default: scripts/llama.sh model)")
@@ -316,6 +339,8 @@ def main():
                                       text=True, check=True).stdout.strip()
 
     groups = build_groups(cfg)
+    lib = Path(os.environ.get("KVC_LIB", ROOT / "target/release/libkvcompress.so"))
+    lib_md5 = md5(lib)
     n_jobs = sum(len(g[2]) for g in groups)
     complete = True
     t0 = time.time()
@@ -332,7 +357,7 @@ def main():
         print(f"eval: preset {a.preset}: {n_jobs} jobs in {len(groups)} groups, {len(done)} already done", flush=True)
         for name, n_tokens, jobs in groups:
             todo = [j for j in jobs if j["id"] not in done]
-            if not todo:
+            if not todo or (a.only and not any(o in name for o in a.only)):
                 continue
             if a.max_minutes and time.time() - t0 > a.max_minutes * 60:
                 print(f"eval: --max-minutes {a.max_minutes:g} reached; the rest is left for --resume", flush=True)
@@ -347,9 +372,12 @@ def main():
     wanted = {j["id"] for g in groups for j in g[2]}
     rows = {k: v for k, v in rows.items() if k in wanted}
     complete = complete and len(rows) == len(wanted)
+    if md5(lib) != lib_md5:
+        print(f"eval: WARNING: {lib} changed during the run; rows may mix library versions", file=sys.stderr)
     meta = dict(
         preset=a.preset, complete=complete, jobs_done=len(rows), jobs_total=len(wanted),
         model=Path(model).name, cache_type="f16",
+        libkvcompress_md5=md5(lib), kvcompress_commit=git_head(),
         llama_cpp=(ROOT / "patches/LLAMA_CPP_COMMIT").read_text().strip(),
         machine=f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores", threads=a.threads,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -379,6 +407,19 @@ def main():
     print(f"eval: wrote {out_dir / name} in {time.time() - t0:.0f} s")
     print(f"eval: {len(res) - n_fail} passed, {n_fail} failed")
     sys.exit(1 if n_fail or (not complete and a.preset == "quick") else 0)
+
+
+def md5(path):
+    import hashlib
+    try:
+        return hashlib.md5(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def git_head():
+    p = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return p.stdout.strip() or None
 
 
 def cpu_name():
