@@ -227,6 +227,7 @@ impl Evictor {
                 .count()
         };
         st.last_max_pos = max_pos;
+        st.interval_run = false;
         if s.max_cells > 0 && s.pos.len() > s.max_cells {
             return Ok(true);
         }
@@ -236,7 +237,8 @@ impl Evictor {
             return Ok(true);
         }
         let since = s.n_seen() as i64 - st.seen_at_last_run;
-        Ok(interval > 0 && n_new <= 1 && since >= interval as i64)
+        st.interval_run = interval > 0 && n_new <= 1 && since >= interval as i64;
+        Ok(st.interval_run)
     }
 
     /// Run the policy on one sequence. `keys` may be `None` only for policies that read no K.
@@ -383,6 +385,14 @@ impl Evictor {
         } else if s.max_cells > 0 && target > s.max_cells {
             target = cap_target;
         }
+        if st.interval_run && rule.adaptive() {
+            // a decode-interval run of an adaptive rule judges an already compressed cache
+            // against its own threshold; re-cutting each interval would compound the loss, so
+            // it frees at most what arrived since the last run: memory stays bounded at the
+            // size the prompt settled on, and the newest tokens compete with the old ones
+            let new_since = (n_seen as i64 - st.seen_at_last_run).max(0) as usize;
+            target = target.max(n.saturating_sub(new_since));
+        }
         let cand: Vec<bool> = prot.iter().map(|p| !p).collect();
         let n_prot = prot.iter().filter(|&&p| p).count();
         let per_unit = target.saturating_sub(n_prot);
@@ -481,6 +491,7 @@ impl Evictor {
             st.consumed = queries.last().map_or(st.consumed, |r| r.pos);
         }
         st.seen_at_last_run = n_seen as i64;
+        st.interval_run = false;
         st.last = Some(LastPlan {
             pos: s.pos.to_vec(),
             unit_keep,

@@ -156,6 +156,7 @@ fn specs(name: &str) -> Vec<Spec> {
                 "window",
                 "window (attention of the newest queries) | position (oldest first)",
             ),
+            p("pool", "7", "max-pooling kernel of the window ranking along the sequence (odd; 1 = none): a needle's neighbours share its rank, so numbers and names survive whole"),
             gqa,
         ]),
         "gvote" => v.extend([
@@ -167,6 +168,7 @@ fn specs(name: &str) -> Vec<Spec> {
                 "fraction of (layer, KV head) units that must vote for a cell; 0 = union (keeps most)",
             ),
             p("seed", "0", "sampler seed"),
+            p("pool", "7", "max-pooling kernel of the vote shares along the sequence (odd; 1 = none)"),
             p(
                 "window",
                 "32",
@@ -405,7 +407,7 @@ impl Policy {
                             "position" => Box::new(PositionWithQueries { window: obs_window }),
                             _ => Box::new(WindowAttention {
                                 window: obs_window,
-                                kernel: 1,
+                                kernel: odd_kernel(v)?,
                                 max_pool: true,
                                 gqa: v.gqa()?,
                             }),
@@ -422,6 +424,7 @@ impl Policy {
                             .raw("seed")
                             .parse::<u64>()
                             .map_err(|_| v.bad("seed", "expected a non-negative integer"))?,
+                        kernel: odd_kernel(v)?,
                     };
                     let quorum = v.f32("quorum", |q| (0.0..=1.0).contains(&q), "[0, 1]")?;
                     (
@@ -467,6 +470,15 @@ impl Policy {
                 .join("\n"),
         )
     }
+}
+
+/// The `pool` parameter: an odd kernel size in 1..=63.
+fn odd_kernel(v: &Values) -> Result<usize> {
+    let k = v.usize("pool", 1, 63)?;
+    if k % 2 == 0 {
+        return Err(v.bad("pool", "expected an odd kernel size"));
+    }
+    Ok(k)
 }
 
 /// The position ranking of ReFreeKV v3/v4 (oldest first) that still asks for the newest queries,

@@ -81,6 +81,8 @@ pub struct SeqState {
     pub last_max_pos: i32,
     /// what the last plan kept
     pub last: Option<LastPlan>,
+    /// the last `due` said yes only because the decode interval was reached
+    pub interval_run: bool,
 }
 
 impl Default for SeqState {
@@ -92,6 +94,7 @@ impl Default for SeqState {
             seen_at_last_run: 0,
             last_max_pos: -1,
             last: None,
+            interval_run: false,
         }
     }
 }

@@ -590,7 +590,7 @@ fn gvote_keeps_the_union_of_the_newest_querys_nuclei() {
         let mut e = ev(
             s,
             "gvote",
-            &["samples=0", p, "sinks=1", "window=1", "quorum=0"],
+            &["samples=0", p, "sinks=1", "window=1", "quorum=0", "pool=1"],
         );
         e.push_queries(SEQ, &[8, 9], &q).unwrap();
         evicted(&mut e, &pos, Some(&k), 0)
@@ -622,7 +622,14 @@ fn gvote_quorum_one_keeps_what_every_unit_votes_for() {
         let mut e = ev(
             s,
             "gvote",
-            &["samples=0", "p=0.9", "sinks=1", "window=1", quorum],
+            &[
+                "samples=0",
+                "p=0.9",
+                "sinks=1",
+                "window=1",
+                quorum,
+                "pool=1",
+            ],
         );
         e.push_queries(SEQ, &[8, 9], &q).unwrap();
         evicted(&mut e, &pos, Some(&k), 0)

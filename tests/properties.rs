@@ -386,6 +386,7 @@ proptest! {
             format!("ranker={}", if position { "position" } else { "window" }),
             format!("sinks={sinks}"),
             format!("window={window}"),
+            "pool=1".to_string(),
         ];
         let (plan, keep) = run(&c, "dbudget", &params(&p), 1, 0);
         let n = c.pos.len();

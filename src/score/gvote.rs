@@ -22,6 +22,9 @@ pub struct GVote {
     pub samples: usize,
     /// seed of the sampler; results are deterministic for a seed
     pub seed: u64,
+    /// max-pooling kernel over the vote shares (1 = none): a cell next to a voted one shares
+    /// its vote, so a multi-token entity is kept whole
+    pub kernel: usize,
 }
 
 /// SplitMix64: tiny, fast and good enough to draw Gaussian samples reproducibly.
@@ -112,10 +115,11 @@ impl Scorer for GVote {
                 ballots += 1;
             }
         }
-        votes
+        let shares: Vec<f32> = votes
             .iter()
             .map(|&v| v as f32 / ballots.max(1) as f32)
-            .collect()
+            .collect();
+        cpu::pool1d(&shares, self.kernel, true)
     }
 }
 
