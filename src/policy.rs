@@ -349,11 +349,10 @@ impl Policy {
             _ => Granularity::Token,
         };
         let pool = |v: &Values| -> Result<(usize, bool)> {
-            let k = v.usize("pool", 1, 63)?;
-            if k % 2 == 0 {
-                return Err(v.bad("pool", "expected an odd kernel size"));
-            }
-            Ok((k, v.choice("pooling", &["max", "avg"])? == "max"))
+            Ok((
+                odd_kernel(v)?,
+                v.choice("pooling", &["max", "avg"])? == "max",
+            ))
         };
         let obs_window = window.max(1);
         let (scorer, rule, allocator): (Box<dyn Scorer>, Box<dyn BudgetRule>, Box<dyn Allocator>) =
