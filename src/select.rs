@@ -85,13 +85,7 @@ pub fn best_rank_of(
 
 /// Keep set of one unit: the protected cells plus the top `b` candidates by `score`.
 pub fn unit_keep(score: &[f32], pos: &[i32], prot: &[bool], b: usize) -> Vec<bool> {
-    let mut keep = prot.to_vec();
-    let mut cand: Vec<usize> = (0..score.len()).filter(|&i| !prot[i]).collect();
-    sort_desc(&mut cand, score, pos);
-    for &i in cand.iter().take(b) {
-        keep[i] = true;
-    }
-    keep
+    keep_from_ranks(&unit_ranks(score, pos, prot), prot, b)
 }
 
 /// Token ranking from unit keep sets: the number of sets holding each cell, with the mean
