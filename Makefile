@@ -14,6 +14,9 @@
 #   make test-llama the llama.cpp end-to-end tests alone (builds patched + baseline first)
 #   make deps       install what a fresh Debian machine needs (idempotent)
 #   make valgrind   the C ABI test under valgrind
+#   make fuzz-quick libFuzzer over the whole C API: replay fuzz/regressions, then ~100 s of
+#                   fuzzing from the committed seeds (part of `make test`); make fuzz: a long
+#                   run (FUZZ_SECONDS, default 1800) with a corpus kept in ~/.cache/kvcompress
 #   make clean      remove target/ and build/ (downloads stay in ~/.cache/kvcompress)
 
 SHELL := bash
@@ -32,12 +35,12 @@ C_LIBS     := -lpthread -ldl -lm
 export KVC_LIB ?= $(abspath $(TARGET_DIR))/release/libkvcompress.so
 
 .PHONY: all build header header-check test fmt-check clippy cargo-test valgrind test-llama \
-        bench bench-prefill eval eval-quick cuda-check llama demo deps clean help
+        fuzz fuzz-quick bench bench-prefill eval eval-quick cuda-check llama demo deps clean help
 
 all: build header-check
 
 help:
-	@sed -n '3,17p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,20p' Makefile | sed 's/^# \{0,1\}//'
 
 build:
 	$(CARGO) build --release
@@ -51,7 +54,7 @@ header:
 header-check:
 	$(CARGO) test --release --quiet --test header
 
-test: fmt-check clippy cargo-test build valgrind test-llama eval-quick cuda-check
+test: fmt-check clippy cargo-test build valgrind fuzz-quick test-llama eval-quick cuda-check
 	@echo "make test: all passed"
 
 fmt-check:
@@ -76,6 +79,16 @@ valgrind: build
 	  --errors-for-leak-kinds=definite \
 	  --track-origins=yes $(C_OUT)/abi_test-vg
 
+# libFuzzer over the C API (fuzz/, scripts/fuzz.sh): stable toolchain, AddressSanitizer,
+# libFuzzer from the pinned libfuzzer-sys crate; the build is cached in ~/.cache/kvcompress/fuzz.
+# fuzz-quick fails on any crash; a crash input is printed as hex and left in fuzz/artifacts/.
+FUZZ_SECONDS ?= 1800
+fuzz-quick:
+	bash scripts/fuzz.sh quick
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) nice -n 10 bash scripts/fuzz.sh long
+
 # end-to-end tests against the patched llama.cpp (tests/llama/run-all.sh). They need the
 # patched and the unpatched builds (build/llama, build/base/llama; cached, incremental, ccache).
 # When the script exists it must run and pass; its absence is reported loudly, never skipped in
@@ -87,9 +100,14 @@ test-llama: build
 	  echo "!!! test-llama: tests/llama/run-all.sh does not exist: llama.cpp end-to-end tests NOT RUN" >&2; \
 	fi
 
-bench:
+# benchmarks, JSON in results/: the library's plan time (bench-plan.json), prefill/decode overhead
+# against `none` at 2K/4K/8K (bench-prefill.json), the longest passkey kept with -c 2048 and decode
+# speed with a cache sized to the budget (bench-capacity.json); then RESULTS.md is regenerated
+bench: llama
 	$(CARGO) bench --bench plan
 	bash scripts/bench-prefill.sh
+	$(PYTHON) scripts/bench-capacity.py
+	$(PYTHON) eval/report.py
 
 # the evaluation of issue 4: retrieval (question-aware and -agnostic) and teacher-forced KL
 # against the full cache. eval-quick is CI's small grid with assertions that can fail; eval runs
@@ -134,6 +152,8 @@ deps:
 	    rustup component list --installed 2>/dev/null | grep -q "^$$c" || rustup component add $$c; \
 	  done; \
 	fi
+	@# the fuzz target's crates (libfuzzer-sys, pinned in fuzz/Cargo.lock), fetched ahead
+	@$(CARGO) fetch --locked --quiet --manifest-path fuzz/Cargo.toml
 	@pip_need=""; \
 	command -v cmake >/dev/null 2>&1 || pip_need="$$pip_need cmake"; \
 	command -v ninja >/dev/null 2>&1 || pip_need="$$pip_need ninja"; \

@@ -5,7 +5,8 @@
 
 Writes RESULTS.md (table for the README, project targets, checks) and PNG plots:
 accuracy-vs-kept.png, kl-vs-kept.png and, when some policy keeps different counts per layer,
-layer-kept.png. Needs matplotlib for the plots (`pip install matplotlib`); without it only the
+layer-kept.png; with results/bench-*.json present (make bench) a "Benchmarks" section and overhead.png.
+Needs matplotlib for the plots (`pip install matplotlib`); without it only the
 markdown is written.
 """
 import argparse
@@ -164,7 +165,93 @@ def markdown(s):
     else:
         lines += ["No per-layer plot: with the default token granularity every layer keeps the same cells "
                   "(cells are shared across layers in llama.cpp), so the per-layer kept fraction is flat.", ""]
+    lines += benchmarks(Path(ROOT / "results"))
     return "\n".join(lines)
+
+
+def load_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def benchmarks(res):
+    """Markdown for results/bench-{prefill,capacity,plan}.json (each optional)."""
+    lines = []
+    pre, cap, plan = (load_json(res / f"bench-{n}.json") for n in ("prefill", "capacity", "plan"))
+    if not (pre or cap or plan):
+        return lines
+    lines += ["## Benchmarks (`make bench`)", ""]
+    if pre and "lengths" in pre:
+        lines += [f"Prefill and decode of the patched llama.cpp against `none` on the same passkey prompt "
+                  f"(`scripts/bench-prefill.sh`, `-t {pre['threads']}`, {pre['machine']}, runs interleaved, "
+                  f"medians; load average at the end {', '.join(f'{x:.1f}' for x in pre['load_avg_end'])}). "
+                  "The ratio is what to read: both sides ran under the same load.", "",
+                  "| prompt tokens | policy | reps | prefill ms | prefill / none | decode tok/s | decode / none | cells held | answer |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for n, e in pre["lengths"].items():
+            for pol, r in e["policies"].items():
+                lines.append(f"| {e['n_prompt']} | `{pol}` | {e['reps']} | {r['prefill_ms_median']:.0f} | "
+                             f"{r['prefill_ratio_vs_none']:.3f} | {r['decode_tok_s_median']:.1f} | "
+                             f"{r['decode_ratio_vs_none']:.3f} | {r['cells_held']} | {r['answer'].strip()[:24]!r} |")
+        lines += ["", "![prefill overhead](overhead.png)", ""]
+    if cap:
+        lp = cap["longest_passkey"]
+        lines += [f"Longest passkey prompt (depth 0.5) still answered with `-c {lp['ctx']}` "
+                  f"(`scripts/bench-capacity.py`, ladder {', '.join(map(str, lp['lengths']))} tokens, stops at the first miss; "
+                  "the full cache with a cache that holds the prompt is the reference at each length):", "",
+                  "| policy | longest prompt kept | runs (tokens: answer) |", "|---|---|---|"]
+        ref = ", ".join(f"{n}: {'ok' if r['correct'] else 'miss'}" for n, r in lp["reference"].items())
+        lines.append(f"| `none` (cache sized to the prompt) | reference | {ref} |")
+        for pol, r in lp["policies"].items():
+            runs = ", ".join(f"{x['tokens']}: {'ok' if x['correct'] else 'miss'}" + (f" ({x['error']})" if x.get("error") else "")
+                             for x in r["runs"])
+            lines.append(f"| `{pol}` | {r['longest_prompt_with_passkey']} | {runs} |")
+        dd = cap["decode_at_depth"]
+        lines += ["", f"Decode speed at depth with a cache sized to the emergent budget ({dd['tokens']}-token prompt, "
+                  f"{dd['n_predict']} tokens decoded, single runs):", "",
+                  "| policy | -c | cells held | decode tok/s | / none | same answer |", "|---|---|---|---|---|---|"]
+        nb = dd["none"]
+        lines.append(f"| `none` | {nb['ctx']} | {nb.get('cells_held')} | {nb.get('decode_tok_s') or 0:.1f} | 1.000 | – |")
+        for pol, r in dd["policies"].items():
+            if "error" in r:
+                lines.append(f"| `{pol}` | – | – | error: {r['error']} | – | – |")
+                continue
+            lines.append(f"| `{pol}` | {r['ctx']} | {r['cells_held']} | {r['decode_tok_s'] or 0:.1f} | "
+                         f"{r.get('decode_tok_s_ratio_vs_none', float('nan')):.3f} | {r.get('same_answer_as_none')} |")
+        lines.append("")
+    if plan:
+        lines += [f"Library plan time (`benches/plan.rs`, synthetic K/Q, {plan['threads']} threads, "
+                  f"load average {plan['machine'].get('loadavg_before', '?')} before / {plan['machine'].get('loadavg_after', '?')} after):", "",
+                  "| shape | policy | tokens | median ms |", "|---|---|---|---|"]
+        for r in plan["results"]:
+            lines.append(f"| {r['shape']['name']} | `{r['policy']}` | {r['shape']['n_tokens']} | {r['median_ms']:.1f} |")
+        lines.append("")
+    return lines
+
+
+def overhead_plot(res, out, plt):
+    pre = load_json(res / "bench-prefill.json")
+    if not pre or "lengths" not in pre:
+        return None
+    lengths = list(pre["lengths"])
+    pols = [p for p in pre["lengths"][lengths[0]]["policies"] if p != "none"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    w = 0.8 / max(1, len(pols))
+    for i, pol in enumerate(pols):
+        ys = [pre["lengths"][n]["policies"].get(pol, {}).get("prefill_ratio_vs_none", float("nan")) for n in lengths]
+        ax.bar([j + i * w for j in range(len(lengths))], ys, w, label=pol,
+               color=BF_STYLE.get(pol, (FIXED_STYLE.get(pol, "tab:gray"),))[0])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([j + w * (len(pols) - 1) / 2 for j in range(len(lengths))], [f"{n} tok" for n in lengths])
+    ax.set_ylabel("prefill time / none (median)")
+    ax.set_title("prefill overhead of the policy (llama.cpp, CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "overhead.png", dpi=110)
+    plt.close(fig)
+    return "overhead.png"
 
 
 def layer_rows(s):
@@ -258,6 +345,9 @@ def plots(s, out):
         fig.savefig(out / "layer-kept.png", dpi=110)
         plt.close(fig)
         written.append("layer-kept.png")
+    o = overhead_plot(ROOT / "results", out, plt)
+    if o:
+        written.append(o)
     return written
 
 

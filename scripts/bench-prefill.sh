@@ -1,53 +1,60 @@
 #!/usr/bin/env bash
 # Prefill and decode time of the patched llama.cpp with each policy against `none`, on the same
 # prompt, runs interleaved (none, p1, p2, none, p1, p2, ...) so machine drift hits every policy
-# alike. Writes results/bench-prefill.json; ratios are policy / none of the medians.
+# alike. Writes results/bench-prefill.json; ratios are policy / none of the medians, per length.
 #
-#   bash scripts/bench-prefill.sh                         # 8192 tokens, dbudget + gvote, 3 reps
-#   TOKENS=4096 REPS=5 POLICIES="snapkv dbudget" THREADS=2 bash scripts/bench-prefill.sh
+#   bash scripts/bench-prefill.sh                         # 2K, 4K, 8K tokens, dbudget + gvote, 3 reps
+#   TOKENS="4096" REPS=5 POLICIES="snapkv dbudget" THREADS=2 bash scripts/bench-prefill.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-TOKENS="${TOKENS:-8192}"
+TOKENS="${TOKENS:-2048 4096 8192}"
 REPS="${REPS:-3}"
 THREADS="${THREADS:-2}"
 POLICIES="${POLICIES:-dbudget gvote}"
 OUT="$ROOT/build/bench"
 mkdir -p "$OUT" results
 MODEL="$(bash scripts/llama.sh model)"
-RUN="$ROOT/build/llama/bin/kvc-run"
+RUN="${KVC_LLAMA_BIN:-$ROOT/build/llama/bin}/kvc-run"
 [ -x "$RUN" ] || { echo "bench-prefill: $RUN missing: run 'make llama' first" >&2; exit 1; }
-python3 eval/tasks.py passkey --tokens "$TOKENS" --depth 0.5 --seed 3 --prompt-out "$OUT/prompt.txt" > /dev/null
-CTX=$(( TOKENS * 5 / 4 + 512 ))
 : > "$OUT/runs.jsonl"
-for rep in $(seq 1 "$REPS"); do
-    for pol in none $POLICIES; do
-        "$RUN" -m "$MODEL" -f "$OUT/prompt.txt" -n 32 -t "$THREADS" -c "$CTX" -b 2048 -ub 512 --kv-policy "$pol" \
-            2> "$OUT/$pol.log" | tail -n 1 | python3 -c 'import json,sys; d=json.load(sys.stdin); d["rep"]=int(sys.argv[1]); print(json.dumps(d))' "$rep" >> "$OUT/runs.jsonl"
-        echo "bench-prefill: rep $rep $pol done" >&2
+for n in $TOKENS; do
+    python3 eval/tasks.py passkey --tokens "$n" --depth 0.5 --seed 3 --prompt-out "$OUT/prompt-$n.txt" > /dev/null
+    CTX=$(( n * 5 / 4 + 512 ))
+    for rep in $(seq 1 "$REPS"); do
+        for pol in none $POLICIES; do
+            "$RUN" -m "$MODEL" -f "$OUT/prompt-$n.txt" -n 32 -t "$THREADS" -c "$CTX" -b 2048 -ub 512 --kv-policy "$pol" \
+                2> "$OUT/$pol.log" | tail -n 1 | python3 -c 'import json,sys; d=json.load(sys.stdin); d["rep"]=int(sys.argv[1]); d["tokens"]=int(sys.argv[2]); print(json.dumps(d))' "$rep" "$n" >> "$OUT/runs.jsonl"
+            echo "bench-prefill: $n tokens, rep $rep, $pol done" >&2
+        done
     done
 done
-python3 - "$OUT/runs.jsonl" "$THREADS" "$TOKENS" <<'PY'
+python3 - "$OUT/runs.jsonl" "$THREADS" <<'PY'
 import json, statistics, sys, platform, os
 runs = [json.loads(l) for l in open(sys.argv[1])]
-by = {}
-for r in runs:
-    by.setdefault(r["policy"], []).append(r)
 med = lambda rs, k: statistics.median(x[k] for x in rs)
-base = by["none"]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 out = {"model": "SmolLM2-135M-Instruct Q4_1", "llama_cpp": "0c1e57098", "cache_type": "f16",
-       "n_prompt": base[0]["n_prompt"], "threads": int(sys.argv[2]), "reps": len(base),
-       "machine": f"{os.cpu_count()} x {cpu}", "load_avg": os.getloadavg(), "policies": {}}
-for pol, rs in by.items():
-    decode_tok_s = statistics.median(x["n_decoded"] / (x["decode_ms"] / 1e3) for x in rs if x["decode_ms"] > 0)
-    out["policies"][pol] = {
-        "prefill_ms_median": med(rs, "prefill_ms"), "decode_ms_median": med(rs, "decode_ms"),
-        "decode_tok_s_median": decode_tok_s,
-        "prefill_ratio_vs_none": med(rs, "prefill_ms") / med(base, "prefill_ms"),
-        "decode_ratio_vs_none": med(rs, "decode_ms") / med(base, "decode_ms"),
-        "cells_held": rs[-1]["cells_held"], "answer": rs[-1]["answer"],
-    }
+       "threads": int(sys.argv[2]), "machine": f"{os.cpu_count()} x {cpu}", "load_avg_end": os.getloadavg(),
+       "note": "runs interleaved none/policy per rep; ratios = median(policy) / median(none) at the same length",
+       "lengths": {}}
+for n in sorted({r["tokens"] for r in runs}):
+    by = {}
+    for r in runs:
+        if r["tokens"] == n:
+            by.setdefault(r["policy"], []).append(r)
+    base = by["none"]
+    entry = {"n_prompt": base[0]["n_prompt"], "reps": len(base), "policies": {}}
+    for pol, rs in by.items():
+        decode_tok_s = statistics.median(x["n_decoded"] / (x["decode_ms"] / 1e3) for x in rs if x["decode_ms"] > 0)
+        entry["policies"][pol] = {
+            "prefill_ms_median": med(rs, "prefill_ms"), "decode_ms_median": med(rs, "decode_ms"),
+            "decode_tok_s_median": decode_tok_s,
+            "prefill_ratio_vs_none": med(rs, "prefill_ms") / med(base, "prefill_ms"),
+            "decode_ratio_vs_none": med(rs, "decode_ms") / med(base, "decode_ms"),
+            "cells_held": rs[-1]["cells_held"], "answer": rs[-1]["answer"],
+        }
+    out["lengths"][str(n)] = entry
 json.dump(out, open("results/bench-prefill.json", "w"), indent=1)
 print(json.dumps(out, indent=1))
 PY
