@@ -364,15 +364,43 @@ fn override_str(b: &mut Bytes) -> Option<CString> {
             VALUES[b.below(VALUES.len())]
         )
         .into_bytes(),
-        _ => format!(
+        6..=9 => format!(
             "{}={}",
             KEYS[b.below(KEYS.len())],
             VALUES[b.below(VALUES.len())]
         )
         .into_bytes(),
+        _ => {
+            // a key with a value it accepts (or its edge), so valid combinations are common
+            let (k, vals) = VALID[b.below(VALID.len())];
+            format!("{k}={}", vals[b.below(vals.len())]).into_bytes()
+        }
     };
     Some(CString::new(bytes).expect("no NUL"))
 }
+
+/// Every key with values it accepts, edges included.
+const VALID: &[(&str, &[&str])] = &[
+    ("sinks", &["0", "1", "4", "64", "1048576"]),
+    ("interval", &["0", "1", "2", "32", "16777216"]),
+    ("granularity", &["token", "layer", "head"]),
+    ("ratio", &["0", "0.1", "0.5", "0.9", "0.999"]),
+    ("tokens", &["1", "2", "8", "64", "4294967295"]),
+    ("window", &["0", "1", "8", "32", "4096"]),
+    ("pool", &["1", "3", "7", "63"]),
+    ("pooling", &["max", "avg"]),
+    ("gqa", &["mean", "max"]),
+    ("beta", &["1", "20", "1e30"]),
+    ("max_ratio", &["1", "10", "1e30"]),
+    ("alpha", &["0", "0.2", "1"]),
+    ("layers", &["uniform", "pyramid"]),
+    ("threshold", &["0.0001", "0.01", "0.5", "0.9999"]),
+    ("ranker", &["window", "position"]),
+    ("p", &["0.01", "0.5", "0.95", "1"]),
+    ("samples", &["0", "1", "8", "1024"]),
+    ("quorum", &["0", "0.35", "1"]),
+    ("seed", &["0", "1", "18446744073709551615"]),
+];
 
 /// Policy name and overrides, owned, plus the pointer arrays C would pass.
 struct PolicyArgs {
@@ -1094,7 +1122,7 @@ impl Driver<'_> {
             KVC_STATUS_OK,
             "describe output {:?} is rejected: {:?}",
             String::from_utf8_lossy(text),
-            String::from_utf8_lossy(&err)
+            unsafe { CStr::from_ptr(err.as_ptr() as *const c_char) }
         );
         let mut ev2 = ptr::null_mut();
         let st = unsafe {
@@ -1201,6 +1229,9 @@ pub fn run(data: &[u8]) {
     handle_free_calls(&mut b);
 
     let args = PolicyArgs::new(&mut b);
+    if trace() {
+        eprintln!("kvc fuzz: policy {:?} overrides {:?}", args.name, args.kv);
+    }
     let mut err = MsgBuf::new(&mut b);
     let check = unsafe {
         kvc_policy_check(

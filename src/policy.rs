@@ -321,10 +321,14 @@ impl Policy {
     }
 
     fn build(name: &'static str, v: &Values) -> Result<Policy> {
+        // `tokens` replaces `ratio` (parse refuses both): with tokens set the ratio is unused,
+        // and printing it made `describe` a spec that does not parse back (found by the fuzzer)
+        let tokens_set = !v.raw("tokens").is_empty();
         let resolved = v
             .map
             .iter()
             .filter(|(_, x)| !x.is_empty())
+            .filter(|(k, _)| !tokens_set || **k != "ratio")
             .map(|(k, x)| (k.to_string(), x.clone()))
             .collect();
         if name == "none" {
@@ -499,6 +503,35 @@ impl Scorer for PositionWithQueries {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `describe` is a spec: name + its `k=v` words parse back to the same description, for
+    /// every policy, with defaults and with `tokens` (which used to print an unused `ratio`
+    /// beside it, which parse then refused: fuzz/regressions/c_api/describe-ratio-and-tokens-*).
+    #[test]
+    fn describe_parses_back_to_itself() {
+        for name in POLICY_NAMES {
+            let overrides: &[&[&str]] = if *name == "none" {
+                &[&[]]
+            } else {
+                &[&[], &["tokens=8"], &["ratio=0.25"]]
+            };
+            for ov in overrides {
+                // adaptive policies take no ratio/tokens
+                let Ok(p) = Policy::parse(name, ov) else {
+                    continue;
+                };
+                let d = p.describe();
+                let mut words = d.split(' ');
+                let n = words.next().unwrap();
+                let kv: Vec<&str> = words.collect();
+                let again = Policy::parse(n, &kv)
+                    .unwrap_or_else(|e| panic!("{name} {ov:?}: {d:?} does not parse: {e}"));
+                assert_eq!(again.describe(), d, "{name} {ov:?}");
+            }
+        }
+        let d = Policy::parse("snapkv", &["tokens=8"]).unwrap().describe();
+        assert!(d.contains("tokens=8") && !d.contains("ratio="), "{d}");
+    }
 
     #[test]
     fn every_name_parses_with_defaults() {
