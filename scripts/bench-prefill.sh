@@ -23,7 +23,8 @@ for n in $TOKENS; do
     CTX=$(( n * 5 / 4 + 512 ))
     for rep in $(seq 1 "$REPS"); do
         for pol in none $POLICIES; do
-            "$RUN" -m "$MODEL" -f "$OUT/prompt-$n.txt" -n 32 -t "$THREADS" -c "$CTX" -b 2048 -ub 512 --kv-policy "$pol" \
+            # -b 512 as in eval/run.py: the hook leaves room for a batch like the last one under the cap
+            "$RUN" -m "$MODEL" -f "$OUT/prompt-$n.txt" -n 32 -t "$THREADS" -c "$CTX" -b 512 -ub 512 --kv-policy "$pol" \
                 2> "$OUT/$pol.log" | tail -n 1 | python3 -c 'import json,sys; d=json.load(sys.stdin); d["rep"]=int(sys.argv[1]); d["tokens"]=int(sys.argv[2]); print(json.dumps(d))' "$rep" "$n" >> "$OUT/runs.jsonl"
             echo "bench-prefill: $n tokens, rep $rep, $pol done" >&2
         done
