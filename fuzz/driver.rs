@@ -22,7 +22,7 @@
 //! it claims, and no smaller: a read past it is the library's bug, and AddressSanitizer (the
 //! `-s address` builds) sees it. Freeing twice is documented as undefined and never done.
 
-#![allow(clippy::missing_safety_doc)]
+#![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 
 use kvcompress::ffi::*;
 use std::ffi::{c_char, CStr, CString};
@@ -518,6 +518,8 @@ struct Driver<'a> {
     ev: *mut kvc_evictor,
     p: kvc_params,
     policy: Vec<u8>,
+    /// `granularity=` of the policy, from `describe`
+    granularity: Vec<u8>,
     seqs: [Seq; 3],
     next_cell: u32,
 }
@@ -973,6 +975,9 @@ impl Driver<'_> {
                 "plan: n_keep + n_evict != n_cells"
             );
         }
+        if !stats_null && stats.ran == 1 && !large {
+            self.check_unit_sets(seq_id, &cells, out, stats.n_keep as usize);
+        }
         if tracked && n > 0 {
             // the engine frees what the plan said, as llama.cpp does
             let s = &mut self.seqs[si];
@@ -980,6 +985,63 @@ impl Driver<'_> {
                 s.cells.retain(|c| !out.contains(&c.id));
             }
             s.last_plan_n = Some(n);
+        }
+    }
+
+    /// Right after a plan that ran: `layer_kept` and `keep_mask` describe that plan. With
+    /// `granularity=token` every layer keeps the plan's cells; with `layer`/`head` a cell is
+    /// freed only when no (layer, KV head) keeps it, and a layer keeps what any of its heads does.
+    fn check_unit_sets(&mut self, seq_id: i32, cells: &[u32], evicted: &[u32], n_keep: usize) {
+        let p = self.p;
+        let (nl, nh) = (p.n_layer as usize, p.n_head_kv as usize);
+        let n = cells.len();
+        let mut counts = vec![u32::MAX; nl];
+        let st = unsafe { kvc_evictor_layer_kept(self.ev, seq_id, counts.as_mut_ptr(), nl) };
+        check_status("layer_kept(after plan)", st);
+        assert_eq!(st, KVC_STATUS_OK, "layer_kept right after a plan that ran");
+        let token = self.granularity == b"token";
+        for (l, &c) in counts.iter().enumerate() {
+            if token {
+                assert_eq!(c as usize, n_keep, "layer_kept[{l}] with granularity=token");
+            } else {
+                assert!(
+                    c as usize <= n_keep,
+                    "layer_kept[{l}]={c} > n_keep={n_keep}"
+                );
+            }
+        }
+        let mut unique = cells.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        let freed: Vec<bool> = cells.iter().map(|c| evicted.contains(c)).collect();
+        for l in 0..nl {
+            let mut any = vec![false; n];
+            for g in 0..nh {
+                let mut mask = vec![CANARY; n];
+                let st = unsafe {
+                    kvc_evictor_keep_mask(self.ev, seq_id, l as u32, g as u32, mask.as_mut_ptr(), n)
+                };
+                check_status("keep_mask(after plan)", st);
+                assert_eq!(st, KVC_STATUS_OK, "keep_mask right after a plan that ran");
+                for i in 0..n {
+                    assert!(mask[i] <= 1, "keep_mask: flag {}", mask[i]);
+                    any[i] |= mask[i] == 1;
+                    if !token && unique.len() == n {
+                        assert!(
+                            !(freed[i] && mask[i] == 1),
+                            "plan freed cell {} that layer {l}, KV head {g} keeps",
+                            cells[i]
+                        );
+                    }
+                }
+            }
+            if !token {
+                let kept = any.iter().filter(|&&k| k).count();
+                assert_eq!(
+                    kept, counts[l] as usize,
+                    "layer_kept[{l}] vs its heads' masks"
+                );
+            }
         }
     }
 
@@ -1283,7 +1345,17 @@ pub fn run(data: &[u8]) {
         "init accepted a policy that policy_check rejects"
     );
 
+    let granularity = {
+        let mut buf = vec![0u8; 1024];
+        let n = unsafe { kvc_evictor_describe(out, buf.as_mut_ptr() as *mut c_char, buf.len()) };
+        let text = &buf[..n.min(buf.len() - 1)];
+        text.split(|&c| c == b' ')
+            .find_map(|w| w.strip_prefix(b"granularity="))
+            .unwrap_or(b"token")
+            .to_vec()
+    };
     let mut d = Driver {
+        granularity,
         b,
         ev: out,
         p,
