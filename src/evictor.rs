@@ -255,6 +255,7 @@ impl Evictor {
         keys: Option<&Keys>,
         evict_cap: usize,
     ) -> Result<Plan> {
+        crate::failpoint::plan();
         s.validate()?;
         let n = s.pos.len();
         let Some(scorer) = self.policy.scorer.as_deref() else {

@@ -22,6 +22,7 @@ pub mod backend;
 pub mod budget;
 pub mod error;
 pub mod evictor;
+mod failpoint;
 pub mod ffi;
 pub mod policy;
 pub mod reference;
