@@ -406,6 +406,22 @@ impl Evictor {
             .zip(&budgets)
             .map(|(r, &b)| select::keep_from_ranks(r, &prot, b))
             .collect();
+        if self.policy.granularity == Granularity::Layer {
+            // one keep set per layer, shared by its KV heads (a per-layer mask): the cells ranked
+            // by the mean of the heads' scores, the layer's budget the mean of theirs
+            let h = shape.n_head_kv;
+            for l in 0..shape.n_layer {
+                let units = l * h..(l + 1) * h;
+                let mean: Vec<f32> = (0..n)
+                    .map(|i| units.clone().map(|u| grid.units[u][i]).sum::<f32>() / h as f32)
+                    .collect();
+                let b = (budgets[units.clone()].iter().sum::<usize>() + h / 2) / h;
+                let k = select::unit_keep(&mean, s.pos, &prot, b);
+                for u in units {
+                    unit_keep[u].clone_from(&k);
+                }
+            }
+        }
         let keep = match self.policy.granularity {
             Granularity::Token => {
                 // an adaptive rule's ranking carries its verdict (which cells its budget

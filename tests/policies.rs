@@ -401,6 +401,37 @@ fn layer_granularity_frees_only_what_no_layer_keeps() {
 }
 
 #[test]
+fn layer_granularity_shares_one_set_per_layer() {
+    // 1 layer, 2 KV heads: head 0 prefers the newest cells, head 1 cell 4 alone
+    let s = shape(1, 2, 2);
+    let pos = range(10);
+    let k = keys(&s, &pos, |_, p, g| match g {
+        0 => [p as f32 * 0.5, 0.0],
+        _ if p == 4 => [10.0, 0.0],
+        _ => [0.0, 0.0],
+    });
+    let q = queries(&s, &[9], |_, _, _| [1.0, 0.0]);
+    let run = |gran: &str| {
+        let mut e = ev(
+            s,
+            "snapkv",
+            &["tokens=5", "sinks=1", "window=1", "pool=1", gran],
+        );
+        e.push_queries(SEQ, &[9], &q).unwrap();
+        let gone = evicted(&mut e, &pos, Some(&k), 0);
+        (e, gone)
+    };
+    let (head, _) = run("granularity=head");
+    assert_ne!(unit_kept(&head, 0, 0), unit_kept(&head, 0, 1));
+    let (layer, gone) = run("granularity=layer");
+    // both heads hold the same set: protected 0 and 9, then the best 3 by mean score
+    assert_eq!(unit_kept(&layer, 0, 0), unit_kept(&layer, 0, 1));
+    assert_eq!(unit_kept(&layer, 0, 0).len(), 5);
+    assert_eq!(layer.layer_kept(SEQ).unwrap(), &[5]);
+    assert_eq!(gone.len(), 5);
+}
+
+#[test]
 fn dynamickv_moves_budget_to_the_layer_with_spread_attention() {
     let s = shape(2, 2, 1);
     let pos = range(10);
