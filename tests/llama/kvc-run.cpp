@@ -10,6 +10,12 @@
 //   --kvc-logits FILE    append the logits of every sampled step (f32, n_vocab each) to FILE
 //   --kvc-unified        one KV stream shared by all sequences (-kvu is not a completion option)
 //   --kvc-joint          prefill all sequences together: each call holds n_batch/n_seqs tokens of each
+//   --kvc-state-roundtrip  after the prefill, save sequence 0 (llama_state_seq_get_data), decode, then clear it,
+//                        restore it (llama_state_seq_set_data) and decode again; the JSON gets
+//                        "roundtrip": {"state_bytes", "answer", "cells_held"} of the first decode, the usual
+//                        fields are of the decode after the restore
+//
+// A KV cache policy error (common_kv_policy_take_error) stops the run: exit status 3, the message on stderr.
 //
 // Built in two flavours: with the patch (KVC_RUN_PATCHED) and against an unpatched llama.cpp
 // (no --kv-policy; used to check that `--kv-policy none` changes nothing).
@@ -80,6 +86,7 @@ int main(int argc, char ** argv) {
     std::string logits_path;
     bool        unified = false;
     bool        joint   = false;
+    bool        roundtrip = false;
 
     std::vector<char *> args;
     for (int i = 0; i < argc; ++i) {
@@ -91,6 +98,8 @@ int main(int argc, char ** argv) {
             unified = true;
         } else if (strcmp(argv[i], "--kvc-joint") == 0) {
             joint = true;
+        } else if (strcmp(argv[i], "--kvc-state-roundtrip") == 0) {
+            roundtrip = true;
         } else {
             args.push_back(argv[i]);
         }
@@ -180,6 +189,21 @@ int main(int argc, char ** argv) {
 
     const int32_t n_chunk = joint ? std::max<int32_t>(1, n_batch/(int32_t) seqs.size()) : n_batch;
 
+    // the policy failed during the last decode call (where: "prefill" or "decode step N")
+    auto policy_failed = [&](const std::string & where) {
+#ifdef KVC_RUN_PATCHED
+        for (const auto & s : seqs) {
+            std::string err;
+            if (common_kv_policy_take_error(ctx, s.id, err)) {
+                LOG_ERR("kvc-run: --kv-policy %s: seq %d, %s: %s\n", params.kv_policy.c_str(), s.id, where.c_str(), err.c_str());
+                return true;
+            }
+        }
+#endif
+        GGML_UNUSED(where);
+        return false;
+    };
+
     for (size_t is = 0; is < seqs.size(); ++is) {
         // joint: all sequences advance together in the first pass
         if (joint && is > 0) {
@@ -207,6 +231,9 @@ int main(int argc, char ** argv) {
                 LOG_ERR("%s: prompt decode failed (cache full?)\n", __func__);
                 return 1;
             }
+            if (policy_failed("prefill")) {
+                return 3;
+            }
             // sample the first token of a finished prompt right away: later calls overwrite the logits
             for (size_t js = joint ? 0 : is; js < (joint ? seqs.size() : is + 1); ++js) {
                 auto & s = seqs[js];
@@ -220,32 +247,72 @@ int main(int argc, char ** argv) {
     }
     const int64_t t_prefill_end = ggml_time_us();
 
-    // greedy decode, all sequences in one batch per step
-    int32_t n_decoded = 0;
-    while (true) {
-        batch.clear();
-        for (auto & s : seqs) {
-            s.i_logits = -1;
-            if (s.done) {
-                continue;
-            }
-            s.i_logits = batch.add(s.answer.back(), s.n_past++, s.id, true);
-        }
-        if (batch.size() == 0) {
-            break;
-        }
-        if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
-            LOG_ERR("%s: decode failed at step %d\n", __func__, n_decoded);
+    std::vector<uint8_t> state;
+    std::vector<seq_run> seqs_saved;
+    if (roundtrip) {
+        if (seqs.size() != 1) {
+            LOG_ERR("%s: --kvc-state-roundtrip takes one sequence\n", __func__);
             return 1;
         }
-        n_decoded++;
-        for (auto & s : seqs) {
-            if (s.i_logits < 0) {
-                continue;
+        state.resize(llama_state_seq_get_size(ctx, 0));
+        if (llama_state_seq_get_data(ctx, state.data(), state.size(), 0) != state.size()) {
+            LOG_ERR("%s: llama_state_seq_get_data failed\n", __func__);
+            return 1;
+        }
+        seqs_saved = seqs;
+    }
+
+    // greedy decode, all sequences in one batch per step
+    int32_t n_decoded = 0;
+    std::string rt_answer;
+    int32_t     rt_held = -1;
+    for (int pass = 0; pass < (roundtrip ? 2 : 1); ++pass) {
+        if (pass == 1) {
+            for (size_t i = 0; i < seqs[0].answer.size() && !llama_vocab_is_eog(vocab, seqs[0].answer[i]); ++i) {
+                rt_answer += common_token_to_piece(ctx, seqs[0].answer[i]);
             }
-            const llama_token best = greedy(s.i_logits);
-            s.answer.push_back(best);
-            s.done = llama_vocab_is_eog(vocab, best) || (int32_t) s.answer.size() >= params.n_predict;
+#ifdef KVC_RUN_PATCHED
+            rt_held = llama_kv_policy_n_cells(ctx, 0);
+#else
+            rt_held = llama_memory_seq_pos_max(llama_get_memory(ctx), 0) + 1;
+#endif
+
+            llama_memory_seq_rm(llama_get_memory(ctx), 0, -1, -1);
+            if (llama_state_seq_set_data(ctx, state.data(), state.size(), 0) != state.size()) {
+                LOG_ERR("%s: llama_state_seq_set_data failed\n", __func__);
+                return 1;
+            }
+            seqs = seqs_saved;
+            n_decoded = 0;
+        }
+        while (true) {
+            batch.clear();
+            for (auto & s : seqs) {
+                s.i_logits = -1;
+                if (s.done) {
+                    continue;
+                }
+                s.i_logits = batch.add(s.answer.back(), s.n_past++, s.id, true);
+            }
+            if (batch.size() == 0) {
+                break;
+            }
+            if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
+                LOG_ERR("%s: decode failed at step %d\n", __func__, n_decoded);
+                return 1;
+            }
+            if (policy_failed("decode step " + std::to_string(n_decoded + 1))) {
+                return 3;
+            }
+            n_decoded++;
+            for (auto & s : seqs) {
+                if (s.i_logits < 0) {
+                    continue;
+                }
+                const llama_token best = greedy(s.i_logits);
+                s.answer.push_back(best);
+                s.done = llama_vocab_is_eog(vocab, best) || (int32_t) s.answer.size() >= params.n_predict;
+            }
         }
     }
     const int64_t t_decode_end = ggml_time_us();
@@ -301,12 +368,19 @@ int main(int argc, char ** argv) {
         }
     }
 
+    std::string out_rt;
+    if (roundtrip) {
+        char buf[128];
+        snprintf(buf, sizeof(buf), ", \"roundtrip\": {\"state_bytes\": %zu, \"cells_held\": %d, \"answer\": \"", state.size(), rt_held);
+        out_rt = buf + json_escape(rt_answer) + "\"}";
+    }
+
     printf("{\"policy\": \"%s\", \"n_prompt\": %zu, \"answer\": \"%s\", \"cells_held\": %" PRId64 ", \"cells_evicted\": %" PRIu64
-           ", \"kv_bytes_held\": %" PRId64 ", \"prefill_ms\": %.1f, \"decode_ms\": %.1f, \"n_decoded\": %d, \"n_ctx\": %u, \"seqs\": [%s]}\n",
+           ", \"kv_bytes_held\": %" PRId64 ", \"prefill_ms\": %.1f, \"decode_ms\": %.1f, \"n_decoded\": %d, \"n_ctx\": %u, \"seqs\": [%s]%s}\n",
            json_escape(policy).c_str(), seqs[0].prompt.size(), json_escape(answer0).c_str(),
            total_held, total_evicted, (int64_t) (total_held*cell_bytes),
            (t_prefill_end - t_prefill_start)/1000.0, (t_decode_end - t_prefill_end)/1000.0, n_decoded,
-           llama_n_ctx(ctx), out_seqs.c_str());
+           llama_n_ctx(ctx), out_seqs.c_str(), out_rt.c_str());
     fflush(stdout);
 
     return 0;
