@@ -9,8 +9,10 @@
 //! - `KVC_STATUS_PANIC` from any call: the library caught its own panic;
 //! - an output written on failure, or past the length the caller gave (canaries);
 //! - a plan that breaks its contract: more cells than the buffer holds, not ascending, cells not
-//!   in the view, the newest cell or position 0 evicted, stats that do not add up, or a
-//!   `BUFFER_TOO_SMALL` plan that fails again with `evict_cap = n_cells`;
+//!   in the view, the newest cell or position 0 evicted, more than `max(max_cells, 2)` cells
+//!   left, stats that do not add up, or a `BUFFER_TOO_SMALL` plan that fails again with
+//!   `evict_cap = n_cells`; `layer_kept`/`keep_mask` right after it that disagree with it;
+//! - a `describe` string that does not parse back into the same policy;
 //! - a string that is not NUL-terminated inside its buffer, an empty `last_error` after a failure;
 //! - a policy that `kvc_policy_check` rejects but `kvc_evictor_init` accepts (or with another
 //!   status), on a valid shape.
@@ -19,8 +21,8 @@
 //! positions, capacities, lengths of `counts`/`mask`, NaN/Inf), the driver lies to it. Where the
 //! header says it trusts the caller (the length of `q`, `q_pos`, `cells`, `pos`, `k_rows`,
 //! `layers`, and that K holds every row it is told about), every buffer is allocated to the size
-//! it claims, and no smaller: a read past it is the library's bug, and AddressSanitizer (the
-//! `-s address` builds) sees it. Freeing twice is documented as undefined and never done.
+//! it claims, and no smaller: a read past it is the library's bug, and AddressSanitizer (on by
+//! default in scripts/fuzz.sh) sees it. Freeing twice is documented as undefined and never done.
 
 #![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 
@@ -973,6 +975,17 @@ impl Driver<'_> {
                 stats.n_keep as usize + ne,
                 n,
                 "plan: n_keep + n_evict != n_cells"
+            );
+        }
+        // the header: "the plan leaves at most this many cells"; position 0 and the newest
+        // cell stay whatever the cap
+        if !stats_null && stats.ran == 1 && max_cells > 0 {
+            assert!(
+                stats.n_keep <= max_cells.max(2),
+                "plan kept {} cells, max_cells={max_cells} (n={n}, budget={}, policy {:?})",
+                stats.n_keep,
+                stats.budget,
+                String::from_utf8_lossy(&self.policy)
             );
         }
         if !stats_null && stats.ran == 1 && !large {
