@@ -393,6 +393,12 @@ impl Evictor {
             // size the prompt settled on, and the newest tokens compete with the old ones
             let new_since = (n_seen as i64 - st.seen_at_last_run).max(0) as usize;
             target = target.max(n.saturating_sub(new_since));
+            // the engine's cap still binds: `due` flagged this interval run on an earlier view,
+            // and a plan on a view over `max_cells` must still leave at most that many cells
+            // (found by the C-API fuzzer: gvote kept 21 cells with max_cells=1)
+            if s.max_cells > 0 && target > s.max_cells {
+                target = cap_target;
+            }
         }
         let cand: Vec<bool> = prot.iter().map(|p| !p).collect();
         let n_prot = prot.iter().filter(|&&p| p).count();
