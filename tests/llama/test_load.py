@@ -85,6 +85,11 @@ class Server:
         # a step of tens of MiB in RSS at a random moment. Two arenas keep RSS about what is allocated,
         # which is what the leak check is about; both servers get the same setting.
         env["MALLOC_ARENA_MAX"] = "2"
+        # glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), so
+        # later scoring buffers of a few MiB come from the heap and stay resident after free(): RSS
+        # then keeps its peak although nothing leaks. A fixed threshold keeps large buffers mmapped
+        # and returned on free, so what remains above idle after the load is what is still allocated.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         self.proc = subprocess.Popen(
             [os.path.join(k.BIN, "llama-server"), "-m", k.MODEL, "--host", "127.0.0.1", "--port", str(self.port),
              "-np", str(N_SLOTS), "-c", str(N_SLOTS * N_CTX_SLOT), "-t", k.THREADS, "-b", "256",
