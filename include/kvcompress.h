@@ -79,7 +79,8 @@ typedef struct kvc_params {
    */
   kvc_backend backend;
   /*
-   0 = all cores, 1 = serial, N = N threads (env `KVC_THREADS` overrides)
+   0 = all cores, 1 = serial, N = N threads, at most the number of cores (at least 2); env
+   `KVC_THREADS` overrides
    */
   uint32_t n_threads;
 } kvc_params;

@@ -55,12 +55,16 @@ impl std::fmt::Debug for Parallelism {
 }
 
 impl Parallelism {
-    /// `n_threads`: 0 = all cores, 1 = serial, N = a pool of N threads.
+    /// `n_threads`: 0 = all cores, 1 = serial, N = a pool of N threads, capped at the number of
+    /// cores (at least 2): more threads than cores never speeds up this CPU-bound work, and an
+    /// absurd count from a host would otherwise spawn that many OS threads.
     pub fn new(n_threads: usize) -> Self {
         let n = std::env::var("KVC_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(n_threads);
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let n = n.min(cores.max(2));
         match n {
             0 => Parallelism::Global,
             1 => Parallelism::Serial,

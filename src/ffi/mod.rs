@@ -102,7 +102,8 @@ pub struct kvc_params {
     pub kq_scale: f32,
     /// `KVC_BACKEND_*`
     pub backend: kvc_backend,
-    /// 0 = all cores, 1 = serial, N = N threads (env `KVC_THREADS` overrides)
+    /// 0 = all cores, 1 = serial, N = N threads, at most the number of cores (at least 2); env
+    /// `KVC_THREADS` overrides
     pub n_threads: u32,
 }
 
