@@ -88,7 +88,9 @@ def targets(s):
     # budget-free on or above the fixed frontier
     for mode in ("aware",):
         fixed = [(t["kept_fraction"], t["accuracy"]) for t in s["tasks"] if t["mode"] == mode and not t["budget_free"]]
-        fixed_kl = [(x["kept_fraction"], x["kl_mean"]) for x in s["fidelity"] if not x["budget_free"]]
+        # the noise-floor control (ratio=0) evicts nothing: it is no point of the frontier
+        fixed_kl = [(x["kept_fraction"], x["kl_mean"]) for x in s["fidelity"]
+                    if not x["budget_free"] and x["label"] != "streaming ratio=0"]
         for t in s["tasks"]:
             if t["mode"] != mode or t["policy"] not in ("dbudget", "gvote"):
                 continue
@@ -188,7 +190,7 @@ def benchmarks(res):
                   f"(`scripts/bench-prefill.sh`, `-t {pre['threads']}`, {pre['machine']}, runs interleaved, "
                   f"medians; load average at the end {', '.join(f'{x:.1f}' for x in pre['load_avg_end'])}). "
                   "The ratio is what to read: both sides ran under the same load.", "",
-                  "| prompt tokens | policy | reps | prefill ms | prefill / none | decode tok/s | decode / none | cells held | answer |",
+                  "| prompt tokens | policy | reps | prefill ms | prefill time / none | decode tok/s | decode time / none | cells held | answer |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for n, e in pre["lengths"].items():
             for pol, r in e["policies"].items():
@@ -211,7 +213,7 @@ def benchmarks(res):
         dd = cap["decode_at_depth"]
         lines += ["", f"Decode speed at depth with a cache sized to the emergent budget ({dd['tokens']}-token prompt, "
                   f"{dd['n_predict']} tokens decoded, single runs):", "",
-                  "| policy | -c | cells held | decode tok/s | / none | same answer |", "|---|---|---|---|---|---|"]
+                  "| policy | -c | cells held | decode tok/s | tok/s / none | same answer |", "|---|---|---|---|---|---|"]
         nb = dd["none"]
         lines.append(f"| `none` | {nb['ctx']} | {nb.get('cells_held')} | {nb.get('decode_tok_s') or 0:.1f} | 1.000 | – |")
         for pol, r in dd["policies"].items():
