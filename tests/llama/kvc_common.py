@@ -1,6 +1,7 @@
 """Shared helpers for the llama.cpp end-to-end tests (python3 stdlib only)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -59,6 +60,15 @@ def kvc_run(prompt_file, *extra, bin_dir=None, check=True):
         if line.startswith("{"):
             return json.loads(line)
     raise RuntimeError("kvc-run printed no JSON:\n" + p.stdout + p.stderr[-2000:])
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a llama-server under test)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 class Checks:

@@ -20,7 +20,6 @@
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -145,17 +144,9 @@ c.check(rc == 0 and out is not None and out["cells_held"] < out["n_prompt"],
 # ---------------------------------------------------------------------------------------------
 # servers
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class Server:
     def __init__(self, name, args, env=None):
-        self.port = free_port()
+        self.port = k.free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log_path = os.path.join(k.TMP, "faults-%s.log" % name)
         self.log = open(self.log_path, "w")
@@ -210,7 +201,7 @@ def err_msg(body):
 prompt_text = open(PROMPT).read()
 
 # the library missing: the server still serves, a per-request policy gets 400; --kv-policy at startup is refused
-p = k.run(["llama-server", "-m", k.MODEL, "--port", str(free_port()), "--kv-policy", "snapkv"], check=False,
+p = k.run(["llama-server", "-m", k.MODEL, "--port", str(k.free_port()), "--kv-policy", "snapkv"], check=False,
           env={"LLAMA_KVCOMPRESS_LIB": MISSING})
 c.check(clean_exit(p.returncode) and "--kv-policy snapkv" in p.stderr + p.stdout and MISSING in p.stderr + p.stdout,
         "library missing: llama-server --kv-policy snapkv refused at startup (rc %d)" % p.returncode)

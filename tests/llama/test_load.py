@@ -62,17 +62,9 @@ SEED = 7
 RSS_TOL_MIB = float(os.environ.get("KVC_LOAD_RSS_TOL_MIB", "24"))
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class Server:
     def __init__(self, tag):
-        self.port = free_port()
+        self.port = k.free_port()
         self.log_path = os.path.join(k.TMP, "load-%s.log" % tag)
         os.makedirs(k.TMP, exist_ok=True)
         self.log = open(self.log_path, "w")

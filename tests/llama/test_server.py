@@ -15,7 +15,6 @@ The server is stopped by its PID.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,15 +28,7 @@ import kvc_common as k
 c = k.Checks("test_server")
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-PORT = free_port()
+PORT = k.free_port()
 URL = "http://127.0.0.1:%d" % PORT
 N_CTX_SLOT = 1024
 log_path = os.path.join(k.TMP, "server.log")
