@@ -14,6 +14,8 @@
 //                        restore it (llama_state_seq_set_data) and decode again; the JSON gets
 //                        "roundtrip": {"state_bytes", "answer", "cells_held"} of the first decode, the usual
 //                        fields are of the decode after the restore
+//   --kvc-truncate P     after the prefill, remove positions [P, end) of sequence 0 (llama_memory_seq_rm) and print
+//                        {"truncate": {"pos", "ok", "cells_before", "cells_after"}} instead of decoding
 //
 // A KV cache policy error (common_kv_policy_take_error) stops the run: exit status 3, the message on stderr.
 //
@@ -28,6 +30,7 @@
 #include "kv-policy.h"
 #endif
 
+#include <algorithm>
 #include <cinttypes>
 #include <clocale>
 #include <cstdio>
@@ -87,6 +90,7 @@ int main(int argc, char ** argv) {
     bool        unified = false;
     bool        joint   = false;
     bool        roundtrip = false;
+    int32_t     truncate_pos = -1;
 
     std::vector<char *> args;
     for (int i = 0; i < argc; ++i) {
@@ -100,6 +104,8 @@ int main(int argc, char ** argv) {
             joint = true;
         } else if (strcmp(argv[i], "--kvc-state-roundtrip") == 0) {
             roundtrip = true;
+        } else if (i + 1 < argc && strcmp(argv[i], "--kvc-truncate") == 0) {
+            truncate_pos = atoi(argv[++i]);
         } else {
             args.push_back(argv[i]);
         }
@@ -255,11 +261,29 @@ int main(int argc, char ** argv) {
             return 1;
         }
         state.resize(llama_state_seq_get_size(ctx, 0));
-        if (llama_state_seq_get_data(ctx, state.data(), state.size(), 0) != state.size()) {
+        if (state.empty() || llama_state_seq_get_data(ctx, state.data(), state.size(), 0) != state.size()) {
             LOG_ERR("%s: llama_state_seq_get_data failed\n", __func__);
             return 1;
         }
         seqs_saved = seqs;
+    }
+
+    if (truncate_pos >= 0) {
+        llama_memory_t mem = llama_get_memory(ctx);
+        const int32_t before = llama_memory_seq_pos_max(mem, 0) + 1;
+#ifdef KVC_RUN_PATCHED
+        const int32_t cells_before = llama_kv_policy_n_cells(ctx, 0);
+        const bool    ok           = llama_memory_seq_rm(mem, 0, truncate_pos, -1);
+        const int32_t cells_after  = llama_kv_policy_n_cells(ctx, 0);
+#else
+        const int32_t cells_before = before;
+        const bool    ok           = llama_memory_seq_rm(mem, 0, truncate_pos, -1);
+        const int32_t cells_after  = llama_memory_seq_pos_max(mem, 0) + 1;
+#endif
+        printf("{\"truncate\": {\"pos\": %d, \"ok\": %s, \"cells_before\": %d, \"cells_after\": %d, \"pos_end\": %d}}\n",
+               truncate_pos, ok ? "true" : "false", cells_before, cells_after, before);
+        fflush(stdout);
+        return 0;
     }
 
     // greedy decode, all sequences in one batch per step
@@ -349,17 +373,21 @@ int main(int argc, char ** argv) {
 
         int32_t  held    = llama_memory_seq_pos_max(llama_get_memory(ctx), s.id) + 1;
         uint64_t evicted = 0;
+        uint32_t kept_max = 0; // the most cells a layer kept at the last run of the policy
 #ifdef KVC_RUN_PATCHED
         const auto st = common_kv_policy_get_stats(ctx, s.id);
         held    = st.n_held;
         evicted = st.n_evicted;
+        for (uint32_t n : st.layer_kept) {
+            kept_max = std::max(kept_max, n);
+        }
 #endif
         total_held    += held;
         total_evicted += evicted;
 
         char buf[256];
-        snprintf(buf, sizeof(buf), "%s{\"seq\": %d, \"n_prompt\": %zu, \"cells_held\": %d, \"cells_evicted\": %" PRIu64 ", \"answer\": \"",
-                out_seqs.empty() ? "" : ", ", s.id, s.prompt.size(), held, evicted);
+        snprintf(buf, sizeof(buf), "%s{\"seq\": %d, \"n_prompt\": %zu, \"cells_held\": %d, \"cells_evicted\": %" PRIu64
+                ", \"layer_kept_max\": %u, \"answer\": \"", out_seqs.empty() ? "" : ", ", s.id, s.prompt.size(), held, evicted, kept_max);
         out_seqs += buf;
         out_seqs += json_escape(answer) + "\"}";
 

@@ -4,6 +4,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("KVC_LLAMA_BIN", os.path.join(ROOT, "build", "llama", "bin"))
@@ -69,6 +72,63 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class Server:
+    """llama-server on a free port with the test model (no RAM prompt cache), its output in TMP/server-NAME.log."""
+
+    def __init__(self, name, args, env=None):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.log_path = os.path.join(TMP, "server-%s.log" % name)
+        os.makedirs(TMP, exist_ok=True)
+        self.log = open(self.log_path, "w")
+        e = dict(os.environ)
+        e.update(env or {})
+        self.proc = subprocess.Popen([os.path.join(BIN, "llama-server"), "-m", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
+                                      "-t", THREADS, "--no-warmup", "--cache-ram", "0"] + args,
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=e)
+
+    def req(self, path, body=None, timeout=300):
+        data = None if body is None else json.dumps(body).encode()
+        r = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(r, timeout=timeout) as resp:
+                raw = resp.read().decode()
+                return resp.status, (json.loads(raw) if raw[:1] in "{[" else raw)
+        except urllib.error.HTTPError as e:
+            raw = e.read().decode()
+            try:
+                return e.code, json.loads(raw)
+            except ValueError:
+                return e.code, raw
+
+    def wait_up(self):
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            try:
+                if self.req("/health", timeout=5)[0] == 200:
+                    return True
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        print(open(self.log_path).read()[-2000:])
+        return False
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        return open(self.log_path).read()
+
+
+def err_msg(body):
+    return body.get("error", {}).get("message", "") if isinstance(body, dict) else str(body)
 
 
 class Checks:

@@ -23,8 +23,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kvc_common as k
@@ -144,60 +142,6 @@ c.check(rc == 0 and out is not None and out["cells_held"] < out["n_prompt"],
 # ---------------------------------------------------------------------------------------------
 # servers
 
-class Server:
-    def __init__(self, name, args, env=None):
-        self.port = k.free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.log_path = os.path.join(k.TMP, "faults-%s.log" % name)
-        self.log = open(self.log_path, "w")
-        e = dict(os.environ)
-        e.update(env or {})
-        self.proc = subprocess.Popen([os.path.join(k.BIN, "llama-server"), "-m", k.MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-                                      "-t", k.THREADS, "--no-warmup", "--cache-ram", "0"] + args,
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=e)
-
-    def req(self, path, body=None, timeout=300):
-        data = None if body is None else json.dumps(body).encode()
-        r = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(r, timeout=timeout) as resp:
-                raw = resp.read().decode()
-                return resp.status, (json.loads(raw) if raw[:1] in "{[" else raw)
-        except urllib.error.HTTPError as e:
-            raw = e.read().decode()
-            try:
-                return e.code, json.loads(raw)
-            except ValueError:
-                return e.code, raw
-
-    def wait_up(self):
-        t0 = time.time()
-        while time.time() - t0 < 120:
-            try:
-                if self.req("/health", timeout=5)[0] == 200:
-                    return True
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.3)
-        print(open(self.log_path).read()[-2000:])
-        return False
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        return open(self.log_path).read()
-
-
-def err_msg(body):
-    return body.get("error", {}).get("message", "") if isinstance(body, dict) else str(body)
-
-
 prompt_text = open(PROMPT).read()
 
 # the library missing: the server still serves, a per-request policy gets 400; --kv-policy at startup is refused
@@ -206,7 +150,7 @@ p = k.run(["llama-server", "-m", k.MODEL, "--port", str(k.free_port()), "--kv-po
 c.check(clean_exit(p.returncode) and "--kv-policy snapkv" in p.stderr + p.stdout and MISSING in p.stderr + p.stdout,
         "library missing: llama-server --kv-policy snapkv refused at startup (rc %d)" % p.returncode)
 
-srv = Server("nolib", ["-np", "1", "-c", "1024"], env={"LLAMA_KVCOMPRESS_LIB": MISSING})
+srv = k.Server("nolib", ["-np", "1", "-c", "1024"], env={"LLAMA_KVCOMPRESS_LIB": MISSING})
 try:
     up = srv.wait_up()
     c.check(up, "library missing: llama-server starts (pid %d)" % srv.proc.pid)
@@ -214,8 +158,8 @@ try:
         st, body = srv.req("/completion", {"prompt": prompt_text, "n_predict": 4, "temperature": 0})
         c.check(st == 200 and body.get("content", "").strip() != "", "library missing: a request without kv_policy answers (%d)" % st)
         st, body = srv.req("/completion", {"prompt": prompt_text, "n_predict": 4, "kv_policy": "snapkv"})
-        c.check(st == 400 and "kv_policy" in err_msg(body) and "cannot load libkvcompress" in err_msg(body),
-                "library missing: per-request kv_policy -> %d: %s" % (st, err_msg(body)[:200]))
+        c.check(st == 400 and "kv_policy" in k.err_msg(body) and "cannot load libkvcompress" in k.err_msg(body),
+                "library missing: per-request kv_policy -> %d: %s" % (st, k.err_msg(body)[:200]))
         st, _ = srv.req("/health")
         c.check(st == 200, "library missing: /health ok")
 finally:
@@ -224,7 +168,7 @@ finally:
 # the failpoint server: the 3rd plan call fails; slot save/restore afterwards
 slot_dir = os.path.join(k.TMP, "faults-slots")
 os.makedirs(slot_dir, exist_ok=True)
-srv = Server("failpoint", ["-np", "1", "-c", "2048", "--slot-save-path", slot_dir], env={"KVC_FAILPOINT": "plan:3"})
+srv = k.Server("failpoint", ["-np", "1", "-c", "2048", "--slot-save-path", slot_dir], env={"KVC_FAILPOINT": "plan:3"})
 try:
     up = srv.wait_up()
     c.check(up, "failpoint server starts (pid %d)" % srv.proc.pid)
@@ -232,18 +176,18 @@ try:
         raise SystemExit(c.done())
     st, body = srv.req("/completion", {"prompt": prompt_text, "n_predict": 4,
                                        "kv_policy": {"name": "snapkv", "params": {"backend": "cuda"}}})
-    c.check(st == 400 and "backend=cuda" in err_msg(body), "per-request backend=cuda -> %d: %s" % (st, err_msg(body)[:200]))
+    c.check(st == 400 and "backend=cuda" in k.err_msg(body), "per-request backend=cuda -> %d: %s" % (st, k.err_msg(body)[:200]))
     pol0 = {"name": "snapkv", "params": {"interval": 0}}
     body_a = {"prompt": prompt_text, "n_predict": 8, "temperature": 0, "cache_prompt": False, "id_slot": 0, "kv_policy": pol0}
     st, a = srv.req("/completion", body_a)                                             # plan 1
     ok_a = st == 200 and a["timings"]["kv_policy"]["cells_evicted"] > 0
-    c.check(ok_a, "request A (snapkv at the prompt end): %d %r %s" % (st, a.get("content") if st == 200 else err_msg(a),
+    c.check(ok_a, "request A (snapkv at the prompt end): %d %r %s" % (st, a.get("content") if st == 200 else k.err_msg(a),
                                                                       a.get("timings", {}).get("kv_policy") if st == 200 else ""))
 
     st, b = srv.req("/completion", {"prompt": prompt_text, "n_predict": 16, "temperature": 0, "cache_prompt": False, "id_slot": 0,
                                     "kv_policy": {"name": "snapkv", "params": {"interval": 4}}})  # plan 2 ok, plan 3 fails
-    c.check(st == 500 and "kvc failpoint" in err_msg(b) and "kv_policy" in err_msg(b),
-            "request B fails mid-generation with the library's message: %d %s" % (st, err_msg(b)[:240]))
+    c.check(st == 500 and "kvc failpoint" in k.err_msg(b) and "kv_policy" in k.err_msg(b),
+            "request B fails mid-generation with the library's message: %d %s" % (st, k.err_msg(b)[:240]))
     st, _ = srv.req("/health")
     c.check(st == 200, "/health ok after the failure")
     st, slots = srv.req("/slots")
@@ -253,7 +197,7 @@ try:
     st, c2 = srv.req("/completion", dict(body_a, cache_prompt=True))                   # plan 4
     c.check(ok_a and st == 200 and c2["content"] == a["content"] and c2["timings"]["kv_policy"]["cells_evicted"] > 0,
             "request C on the same slot after the failure: same answer as A (%r), policy runs again (%s)"
-            % (c2.get("content") if st == 200 else err_msg(c2), c2.get("timings", {}).get("kv_policy") if st == 200 else ""))
+            % (c2.get("content") if st == 200 else k.err_msg(c2), c2.get("timings", {}).get("kv_policy") if st == 200 else ""))
 
     # /slots save/restore of the compressed slot: continuing after the restore = continuing before it
     st, sv = srv.req("/slots/0?action=save", {"filename": "faults-slot0.bin"})

@@ -10,13 +10,27 @@
    Q4_1 model turns rounding into logit differences of ~0.5).
 3. a policy whose keep sets are the same in every layer (streaming): granularity=layer and =head
    give logits identical to granularity=token (masked cells contribute exactly 0).
-4. differing per-layer sets (pyramidkv ratio 0.9, granularity=layer): the logits differ from the
-   union-only run (LLAMA_KV_POLICY_MASKS=0), and cells held + cells the library freed = tokens.
+4. differing per-layer sets (pyramidkv ratio 0.9, granularity=layer, masks only: LLAMA_KV_POLICY_MASKS=nopack):
+   the logits differ from the union-only run (LLAMA_KV_POLICY_MASKS=0), which frees the same cells.
 5. per-head (adakv, granularity=head) on the CPU with FA off and on: the log says the masks are
    per head; FA on and off agree (same tokens, KL < a tenth of what the masks change); the masks
    change the logits with FA off and on.
-6. the passkey survives granularity=layer for dynamickv and pyramidkv (ratio 0.5), as it does at
+6. the passkey survives granularity=layer (re-packed) for dynamickv and pyramidkv (ratio 0.5), as it does at
    token granularity.
+7. re-pack (the default with granularity=layer|head): each layer's (head's) kept rows are copied into the
+   sequence's lowest cells and the rest freed. Against the masks-only run with the same sets (nopack, the
+   reference checked by 2-5): the same tokens and KL < 1e-2. The logits are not bit-identical: rows and new
+   tokens sit in other cells, so SIMD sums round differently, and this Q4_1 model turns that into max |dlogit|
+   ~0.5 and KL up to ~4e-3 (as in 2; FA on vs off alone: ~3e-3), while wrong rows give KL > 1. More cells are freed, and the cells held = the largest layer's kept count + the decoded tokens
+   (per layer), fewer than masks only (per head), for pyramidkv, snapkv, adakv (per layer and per head).
+8. a re-packed sequence: llama_state_seq_get_data fails with an error naming the re-pack (a restore
+   could not rebuild which layer sees which row), while the masks-only sequence still round-trips;
+   llama_memory_seq_rm refuses a range that cuts through the re-packed cells (nothing removed) and
+   removes a range after them.
+9. llama-server with a re-packing policy (pyramidkv granularity=layer) and a RAM prompt cache: the answer
+   keeps the passkey, /slots save of the re-packed slot fails with an error (the log names the re-pack) and
+   the server keeps serving: a second prompt on the same slot (its state cannot go to the prompt cache) gets
+   its own passkey, /health is 200.
 The first sampled token comes from the prompt's logits, computed before the policy runs.
 KVC_LLAMA_SRC: the llama.cpp tree whose ggml headers build the op test (default build/llama-src).
 """
@@ -120,7 +134,7 @@ for g in ("layer", "head"):
                 % (g, max_diff(tok, r), r["cells_evicted"], tok["cells_evicted"]))
 
 # 4. differing per-layer sets (ratio 0.9: the union of the layers' sets leaves cells to free)
-lay = run("pyr9-layer", "pyramidkv", ["ratio=0.9", "granularity=layer"])
+lay = run("pyr9-layer", "pyramidkv", ["ratio=0.9", "granularity=layer"], masks="nopack")
 uni = run("pyr9-union", "pyramidkv", ["ratio=0.9", "granularity=layer"], masks="0")
 if lay and uni:
     c.check("masks: per layer" in lay["log"] and max_diff(lay, uni) > 1e-3,
@@ -131,7 +145,7 @@ if lay and uni:
             % (lay["cells_held"], lay["cells_evicted"], lay["n_prompt"] + lay["n_decoded"], uni["cells_evicted"]))
 
 # 5. per head on the CPU, FA off and on
-hd = {fa: run("ada-head-" + fa, "adakv", ["ratio=0.5", "granularity=head"], fa) for fa in ("off", "on")}
+hd = {fa: run("ada-head-" + fa, "adakv", ["ratio=0.5", "granularity=head"], fa, masks="nopack") for fa in ("off", "on")}
 uni = run("ada-union", "adakv", ["ratio=0.5", "granularity=head"], masks="0")
 if hd["off"] and hd["on"] and uni:
     c.check(all("masks: per head" in hd[fa]["log"] for fa in hd), "adakv granularity=head: per-head masks (FA off and on)")
@@ -152,4 +166,83 @@ for pol in ("dynamickv", "pyramidkv"):
         c.check(str(KEY) in t["answer"] and str(KEY) in lay["answer"] and conserved(lay),
                 "%s ratio 0.5: the passkey survives granularity=layer: %r (token: %r; freed %d vs %d)"
                 % (pol, lay["answer"], t["answer"], lay["cells_evicted"], t["cells_evicted"]))
+
+
+# 7. re-pack == masks only, with the memory the per-layer sets allow
+def held_bound(r):
+    return r["seqs"][0]["layer_kept_max"] + r["n_decoded"]
+
+
+for tag, pol, params, fa in (("pyr", "pyramidkv", ["ratio=0.5", "granularity=layer"], "off"),
+                             ("snap", "snapkv", ["ratio=0.5", "granularity=layer"], "off"),
+                             ("snap", "snapkv", ["ratio=0.5", "granularity=layer"], "on"),
+                             ("ada", "adakv", ["ratio=0.5", "granularity=layer"], "off"),
+                             ("adah", "adakv", ["ratio=0.5", "granularity=head"], "off"),
+                             ("adah", "adakv", ["ratio=0.5", "granularity=head"], "on")):
+    params = params + ["interval=0"]   # one plan, at the prompt's end: the bound below is about that plan
+    rp = run("rp-%s-%s" % (tag, fa), pol, params, fa)
+    mk = run("rp-%s-%s-nopack" % (tag, fa), pol, params, fa, masks="nopack")
+    if not (rp and mk):
+        continue
+    dk, dl = kl(rp, mk), max_diff(rp, mk)
+    same = tokens(rp) == tokens(mk) and dk < 1e-2
+    head = "granularity=head" in params
+    held_ok = rp["cells_held"] < mk["cells_held"] if head else rp["cells_held"] == held_bound(rp)
+    c.check(same and conserved(rp) and held_ok and rp["cells_evicted"] > mk["cells_evicted"],
+            "[fa %s] %s %s: re-packed == masks only (max |dlogit| %.2g, KL %.2g); holds %d cells (masks only: %d, "
+            "largest layer kept + decoded: %d)"
+            % (fa, pol, " ".join(params), dl, dk, rp["cells_held"], mk["cells_held"],
+               held_bound(rp)))
+
+
+# 8. what a re-packed sequence refuses
+def kvc_run_json(*extra, masks=None):
+    args = ["-m", k.MODEL, "-f", prompt, "-t", k.THREADS, "--no-warmup", "-c", "2048", "-n", "4", "-fa", "off",
+            "--kv-policy", "snapkv", "--kv-policy-param", "ratio=0.5,granularity=layer,interval=0"] + list(extra)
+    p = k.run(["kvc-run"] + args, env={"LLAMA_KV_POLICY_MASKS": masks} if masks else None, check=False)
+    js = [__import__("json").loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+    return p.returncode, (js[-1] if js else None), p.stderr
+
+
+rc, out, err = kvc_run_json("--kvc-state-roundtrip")
+c.check(rc != 0 and "re-packed by the KV cache policy" in err and "its state cannot be saved" in err,
+        "a re-packed sequence's state is refused with a clear error (rc %d: %s)"
+        % (rc, [l for l in err.splitlines() if "re-packed" in l][:1]))
+rc, out, err = kvc_run_json("--kvc-state-roundtrip", masks="nopack")
+rt = out and out.get("roundtrip")
+c.check(rc == 0 and rt and rt["answer"] == out["answer"],
+        "the same sequence masked but not re-packed round-trips (rc %d, %r / %r)"
+        % (rc, rt and rt["answer"], out and out["answer"]))
+rc, cut, err = kvc_run_json("--kvc-truncate", "200")
+cut = cut and cut.get("truncate")
+c.check(rc == 0 and cut and cut["ok"] is False and cut["cells_after"] == cut["cells_before"] and "cut through cells re-packed" in err,
+        "llama_memory_seq_rm through the re-packed cells is refused, nothing removed: %s" % cut)
+rc, tail, err = kvc_run_json("--kvc-truncate", "440")
+tail = tail and tail.get("truncate")
+c.check(rc == 0 and tail and tail["ok"] is True and tail["cells_after"] == tail["cells_before"] - (tail["pos_end"] - 440),
+        "llama_memory_seq_rm after the re-packed cells removes them: %s" % tail)
+
+# 9. the server
+slot_dir = os.path.join(k.TMP, "masks-slots")
+os.makedirs(slot_dir, exist_ok=True)
+srv = k.Server("masks", ["-np", "1", "-c", "2048", "--slot-save-path", slot_dir, "--cache-ram", "64",
+                         "--kv-policy", "pyramidkv", "--kv-policy-param", "ratio=0.5,granularity=layer"])
+try:
+    up = srv.wait_up()
+    c.check(up, "server with pyramidkv granularity=layer starts")
+    if up:
+        st, a = srv.req("/completion", {"prompt": open(prompt).read(), "n_predict": 6, "temperature": 0, "id_slot": 0})
+        kvp = a.get("timings", {}).get("kv_policy", {}) if st == 200 else {}
+        c.check(st == 200 and str(KEY) in a.get("content", "") and kvp.get("cells_evicted", 0) > 0,
+                "server: re-packed slot answers %r (%d, kv_policy %s)" % (a.get("content") if st == 200 else a, st, kvp))
+        st, sv = srv.req("/slots/0?action=save", {"filename": "masks-slot0.bin"})
+        c.check(st >= 400 and "re-packed by the KV cache policy" in open(srv.log_path).read(),
+                "server: /slots save of the re-packed slot fails (%d: %s), the log says why" % (st, k.err_msg(sv)[:80]))
+        other = k.passkey_prompt(70707, 12, 3)
+        st, b = srv.req("/completion", {"prompt": other, "n_predict": 6, "temperature": 0, "id_slot": 0})
+        c.check(st == 200 and "70707" in b.get("content", "") and srv.req("/health")[0] == 200,
+                "server: the next prompt on the slot answers %r (%d), /health ok" % (b.get("content") if st == 200 else b, st))
+finally:
+    log = srv.stop()
+c.check("Segmentation" not in log and "GGML_ASSERT" not in log, "server: no crash in the log")
 c.done()
