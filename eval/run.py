@@ -17,6 +17,7 @@ Every score is relative to the full cache (policy none) on the same input:
   python3 eval/run.py --preset quick            # CI: < 8 min on 2 cores, exits 1 on a failed check
   python3 eval/run.py --preset full --resume    # README numbers (hours); --max-minutes to cut
   python3 eval/run.py --preset reduced --resume # 1K tokens, fewer instances (what fits in ~45 min)
+  python3 eval/run.py --preset granularity      # per-layer/per-head sets vs token (issue 6, ~25 min)
 """
 import argparse
 import json
@@ -75,6 +76,12 @@ def pick(labels):
 DEFAULT_BF = ["dbudget", "gvote"]  # default settings of the budget-free policies
 CONTROL = "streaming ratio=0"       # evicts nothing: the hook alone must not change a logit
 
+GRANULARITY = pick(["none", "dbudget", "dbudget granularity=layer", "gvote quorum=0.75",
+                    "gvote quorum=0.75 granularity=layer"] +
+                   [f"{p} ratio={r} granularity={g}" for p in ("snapkv", "pyramidkv", "dynamickv", "adakv")
+                    for r in (0.25, 0.5) for g in ("token", "layer")] +
+                   [f"adakv ratio={r} granularity=head" for r in (0.25, 0.5)])
+
 PRESETS = {
     "quick": dict(
         lengths=[1024], depths=[0.25, 0.5], seeds=[1], tasks=["passkey", "needle-single"],
@@ -94,6 +101,12 @@ PRESETS = {
                                ["dbudget threshold=0.05", "gvote quorum=0.25"]),
         fidelity=dict(contexts=[1024], cont=128, seeds=[1],
                       settings=pick([CONTROL]) + all_settings(core_only=True) + pick(DEFAULT_BF)),
+    ),
+    # issue 6: per-layer / per-head sets (re-packed) against the same policies at token granularity
+    "granularity": dict(
+        lengths=[1024], depths=[0.25, 0.75], seeds=[1], tasks=["passkey", "needle-multikey"],
+        modes=["aware"], settings=GRANULARITY, agnostic_settings=None,
+        fidelity=dict(contexts=[1024], cont=128, seeds=[1], settings=GRANULARITY),
     ),
     "full": dict(
         lengths=[1024, 2048, 4096], depths=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1],
@@ -389,7 +402,7 @@ def main():
     summary = summarize(rows, cfg, meta)
     res = checks(summary, a.preset)
     summary["checks"] = [dict(name=n, ok=ok, detail=d) for n, ok, d in res]
-    name = "summary.json" if a.preset != "quick" else "summary-quick.json"
+    name = "summary.json" if a.preset in ("reduced", "full") else f"summary-{a.preset}.json"
     (out_dir / name).write_text(json.dumps(summary, indent=1) + "\n")
 
     for s in summary["tasks"]:

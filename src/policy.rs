@@ -46,13 +46,15 @@ const fn p(key: &'static str, default: &'static str, help: &'static str) -> Spec
 /// Default `granularity`: `token` for every policy, including the ones whose papers
 /// keep per-layer (PyramidKV, DynamicKV) or per-head (Ada-KV) sets.
 ///
-/// Until cells are re-packed per layer (DESIGN.md §2, rung 3), a finer granularity frees only the
-/// cells that no layer (head) keeps, and that union covers nearly every cell: on SmolLM2-135M (30
-/// layers, 3 KV heads, 448-token passkey prompt) at `ratio=0.5`, `granularity=layer` freed 0 of
-/// 453 cells for pyramidkv and dynamickv and `granularity=head` freed 0 for adakv, where `token`
-/// frees 224; per-head snapkv also lost the passkey that token granularity kept. `ratio`/`tokens`
-/// promise memory, so the default is the granularity that delivers it; `layer`/`head` are opt-in
-/// for studies of the faithful per-layer/per-head sets (llama.cpp applies them as masks).
+/// With `layer`/`head` llama.cpp masks each layer (head) to its own set and re-packs the rows
+/// (patch 0004), so a sequence holds the largest layer's (head's) set. Measured on SmolLM2-135M
+/// (`eval/run.py --preset granularity`, results/GRANULARITY.md): at equal cells held, `layer` lowers
+/// the teacher-forced KL for snapkv (0.028 -> 0.018 at ratio 0.5), adakv (0.020 -> 0.018), dbudget
+/// (0.0072 -> 0.0052) and gvote; pyramidkv and dynamickv hold ~all cells at `layer` (their largest
+/// layer keeps nearly the whole prompt), and `head` holds more than `token` for adakv with a worse
+/// KL. `token` stays the default because a re-packed sequence cannot be state-saved (llama-server
+/// slot save and RAM prompt cache) nor truncated through its re-packed span (context shift), and
+/// the gain rests on a small grid; `layer` is the opt-in for memory-bound single-shot use.
 const DEFAULT_GRANULARITY: &str = "token";
 
 /// Parameters of a policy (defaults from the papers; see ALGORITHMS.md).
@@ -67,7 +69,7 @@ fn specs(name: &str) -> Vec<Spec> {
         p(
             "granularity",
             DEFAULT_GRANULARITY,
-            "token | layer | head: where the keep sets apply (layer/head: per-layer/per-head masks)",
+            "token | layer | head: where the keep sets apply (layer/head: per-layer/per-head sets, re-packed)",
         ),
     ];
     let fixed = [
