@@ -57,7 +57,7 @@ def all_settings(core_only=False):
         s += [setting(pol, ratio=r) for r in rs]
     s += [setting("dbudget", threshold=t) for t in DBUDGET_T]
     s += [setting("gvote", quorum=q) for q in GVOTE_Q]
-    s += [setting("gvote", p=p) for p in GVOTE_P if p != 0.95]  # p=0.95 is the default (quorum 0.5)
+    s += [setting("gvote", p=p) for p in GVOTE_P if p != 0.95]  # p=0.95 is the default (with quorum 0.35)
     return s
 
 
