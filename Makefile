@@ -7,7 +7,9 @@
 #                   the quick evaluation and the CUDA compile check
 #   make header     regenerate include/kvcompress.h with the pinned cbindgen
 #   make bench      plan-time benchmark -> results/bench-plan.json (BENCH_QUICK=1: smoke run),
-#                   then prefill/decode time per policy vs none -> results/bench-prefill.json
+#                   then prefill/decode time per policy vs none -> results/bench-prefill.json,
+#                   capacity (bench-capacity.json) and parallel requests in one -c 8192 cache
+#                   (bench-parallel.json; alone: make bench-parallel)
 #   make eval       fidelity evaluation (full grid) -> results/ ; eval-quick: CI's small grid
 #   make cuda-check compile every CUDA kernel (PyPI nvcc), build and test the `cuda` feature
 #   make llama      fetch, patch and build the pinned llama.cpp (scripts/llama.sh all)
@@ -35,7 +37,7 @@ C_LIBS     := -lpthread -ldl -lm
 export KVC_LIB ?= $(abspath $(TARGET_DIR))/release/libkvcompress.so
 
 .PHONY: all build header header-check test fmt-check clippy cargo-test valgrind test-llama \
-        fuzz fuzz-quick bench bench-prefill eval eval-quick cuda-check llama demo deps clean help
+        fuzz fuzz-quick bench bench-prefill bench-parallel eval eval-quick cuda-check llama demo deps clean help
 
 all: build header-check
 
@@ -102,12 +104,19 @@ test-llama: build
 
 # benchmarks, JSON in results/: the library's plan time (bench-plan.json), prefill/decode overhead
 # against `none` at 2K/4K/8K (bench-prefill.json), the longest passkey kept with -c 2048 and decode
-# speed with a cache sized to the budget (bench-capacity.json); then RESULTS.md is regenerated
+# speed with a cache sized to the budget (bench-capacity.json), how many parallel passkey requests
+# fit in one -c 8192 llama-server cache (bench-parallel.json); then RESULTS.md is regenerated
 bench: llama
 	$(CARGO) bench --bench plan
 	bash scripts/bench-prefill.sh
 	$(PYTHON) scripts/bench-capacity.py
+	$(PYTHON) scripts/bench-parallel.py
 	$(PYTHON) eval/report.py
+
+# parallel passkey requests in one shared (-kvu) -c 8192 llama-server cache, per policy: the largest
+# N whose passkeys all survive (scripts/bench-parallel.py; BENCH_QUICK=1: smoke run into build/bench)
+bench-parallel: llama
+	$(PYTHON) scripts/bench-parallel.py
 
 # the evaluation of issue 4: retrieval (question-aware and -agnostic) and teacher-forced KL
 # against the full cache. eval-quick is CI's small grid with assertions that can fail; eval runs

@@ -179,10 +179,10 @@ def load_json(path):
 
 
 def benchmarks(res):
-    """Markdown for results/bench-{prefill,capacity,plan}.json (each optional)."""
+    """Markdown for results/bench-{prefill,capacity,parallel,plan}.json (each optional)."""
     lines = []
-    pre, cap, plan = (load_json(res / f"bench-{n}.json") for n in ("prefill", "capacity", "plan"))
-    if not (pre or cap or plan):
+    pre, cap, par, plan = (load_json(res / f"bench-{n}.json") for n in ("prefill", "capacity", "parallel", "plan"))
+    if not (pre or cap or par or plan):
         return lines
     lines += ["## Benchmarks (`make bench`)", ""]
     if pre and "lengths" in pre:
@@ -223,6 +223,8 @@ def benchmarks(res):
             lines.append(f"| `{pol}` | {r['ctx']} | {r['cells_held']} | {r['decode_tok_s'] or 0:.1f} | "
                          f"{r.get('decode_tok_s_ratio_vs_none', float('nan')):.3f} | {r.get('same_answer_as_none')} |")
         lines.append("")
+    if par:
+        lines += parallel_lines(par)
     if plan:
         lines += [f"Library plan time (`benches/plan.rs`, synthetic K/Q, {plan['threads']} threads, "
                   f"load average {plan['machine'].get('loadavg_before', '?')} before / {plan['machine'].get('loadavg_after', '?')} after):", "",
@@ -230,6 +232,56 @@ def benchmarks(res):
         for r in plan["results"]:
             lines.append(f"| {r['shape']['name']} | `{r['policy']}` | {r['shape']['n_tokens']} | {r['median_ms']:.1f} |")
         lines.append("")
+    return lines
+
+
+def parallel_lines(par):
+    """Markdown for results/bench-parallel.json (scripts/bench-parallel.py)."""
+    su = par["setup"]
+    resident = su.get("mode") == "resident"
+    how = ("phase 1 prefills the N prompts at once (each without its last word, nothing generated, one slot each); "
+           "phase 2 sends the N full prompts at once and each slot answers from its resident compressed prefix, "
+           "so every answer is produced while all N sequences share the cache" if resident else
+           "the N prompts are sent at once and each generates until every prompt is prefilled")
+    n_prompt = next((q["n_prompt"] for r in par["policies"].values() for x in r["runs"] for q in x["requests"]
+                     if q.get("n_prompt")), f"~{su['prompt_tokens_target']}")
+    lines = [f"Parallel passkey requests in one shared cache (`scripts/bench-parallel.py`: `{su['flags']}`, "
+             f"{par['machine']}; N prompts of {n_prompt} tokens, depth {su['depth']:g}, "
+             f"different keys; {how}). N passes when every request answers its passkey and the server logs no "
+             "context-exceeded error, slot purge (an idle slot's cells dropped for room) or policy failure; "
+             f"ladder {', '.join(map(str, su['ladder']))}, stops at the first failure"
+             + (", then the N in between are searched" if su.get("bisect") else "") + ". Cells held are "
+             "`timings.kv_policy.cells_held` of the responses"
+             + (" (after each sequence's own prefill, and at its answer)" if resident else ", at the end of each generation")
+             + ". A prompt that arrives when the cache is nearly full is evicted by the policy hook down to the "
+             "free cells, whatever its budget (sequences not in the decode call are never touched), so the last "
+             "sequences of a passing N hold fewer cells, and a failing N is one where such a sequence lost its key:", "",
+             "| policy | max N, all passkeys | cells held / seq at max N"
+             + (" after own prefill (min–max) | at answer, all N together |" if resident else " (min–max) | held together |")
+             + " runs (N: passkeys ok) |", "|---|---|---|---|---|"]
+    for pol, r in par["policies"].items():
+        best = next((x for x in r["runs"] if x["n"] == r["max_n_all_passkeys"]), None)
+        held, total = "–", "–"
+        if best and best["cells_held_per_seq_mean"] is not None:
+            if resident:
+                pre = [q["cells_held_after_prefill"] for q in best["requests"] if q.get("cells_held_after_prefill") is not None]
+                held = f"{round(sum(pre) / len(pre))} ({min(pre)}–{max(pre)})"
+                total = f"{best['cells_held_per_seq_mean']} / seq, {best['cells_held_total']} in all"
+            else:
+                held = f"{best['cells_held_per_seq_mean']} ({best['cells_held_per_seq_min']}–{best['cells_held_per_seq_max']})"
+                total = best["cells_held_total"]
+        maxn = f"{r['max_n_all_passkeys']}" + (" (ladder end)" if r["ladder_exhausted"] else "")
+        if r.get("stopped_by_time_budget_before_n"):
+            maxn += f" (time budget: N={r['stopped_by_time_budget_before_n']} not run)"
+        runs = []
+        for x in r["runs"]:
+            why = [k.replace("_", " ") for k, v in x["log_failures"].items() if v]
+            pre = [q["cells_held_after_prefill"] for q in x["requests"] if q.get("cells_held_after_prefill") is not None]
+            if resident and not x["ok"] and not why and pre:
+                why = [f"fewest cells after a prefill: {min(pre)}"]
+            runs.append(f"{x['n']}: {x['n_ok']}/{x['n']}" + (f" ({', '.join(why)})" if why else ""))
+        lines.append(f"| `{pol}` | {maxn} | {held} | {total} | {', '.join(runs)} |")
+    lines.append("")
     return lines
 
 
