@@ -405,6 +405,53 @@ def plots(s, out):
     return written
 
 
+def granularity_md(s, raw=None):
+    """results/GRANULARITY.md from `eval/run.py --preset granularity`: each policy at token and at
+    layer/head granularity (re-packed), at the cells they really hold."""
+    m = s["meta"]
+    fid = {f["label"]: f for f in s["fidelity"]}
+    tk = {t["label"]: t for t in s["tasks"] if t["mode"] == "aware"}
+    lines = [
+        "# Per-layer / per-head keep sets against token granularity",
+        "",
+        f"`python3 eval/run.py --preset granularity && python3 eval/report.py --summary "
+        f"results/summary-granularity.json`: {m['model']}, {m['cache_type']} cache, llama.cpp `{m['llama_cpp']}` + "
+        f"patches (0004 re-packs), {m['machine']}, {m['date']}. Question-aware answers on "
+        f"{len(m['instances']['aware'])} instances ({', '.join(m['tasks'])} at {m['lengths'][0]} tokens, depths "
+        f"{'/'.join(map(str, m['depths']))}); teacher-forced KL and top-1 over a {m['fidelity_continuation']}-token "
+        f"continuation of a {m['fidelity_contexts'][0]}-token prose context.",
+        "",
+        "*held*: cells the sequence holds after the prompt / prompt tokens (the memory really used). "
+        "*asked*: the mean over layers of what each layer keeps (what the policy asked for: at token "
+        "granularity every layer keeps the held set; re-packed, a sequence holds the largest layer's set). "
+        "*same*: answers identical to the full cache's. *KV MiB*: K+V bytes the sequence holds at the end "
+        "of its answer, mean over the instances (raw/granularity.jsonl); the full cache: "
+        f"{f_(kv_mib(raw, 'none'), '{:.1f}')} MiB.",
+        "",
+        "| setting | held | asked | same | KV MiB | KL | top-1 | held (TF) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lab, t in tk.items():
+        if lab == "none":
+            continue
+        f = fid.get(lab, {})
+        lk = s.get("layer_kept", {}).get(lab) or []
+        asked = sum(lk) / len(lk) if lk else None
+        lines.append(f"| `{lab}` | {t['kept_fraction']:.3f} | {f_(asked)} | {round(t['agreement'] * t['n'])}/{t['n']} | "
+                     f"{f_(kv_mib(raw, lab), '{:.1f}')} | "
+                     f"{f_(f.get('kl_mean'), '{:.4f}')} | {f_(f.get('top1'))} | {f_(f.get('kept_fraction'))} |")
+    return "\n".join(lines)
+
+
+def kv_mib(raw, label):
+    xs = [r["kv_bytes_held"] for r in raw or [] if r.get("mode") == "aware" and r["tag"]["label"] == label]
+    return sum(xs) / len(xs) / 2**20 if xs else None
+
+
+def f_(x, fmt="{:.3f}"):
+    return "–" if x is None else fmt.format(x)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--summary", default=str(ROOT / "results/summary.json"))
@@ -416,6 +463,12 @@ def main():
     s = json.loads(p.read_text())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if s["meta"].get("preset") == "granularity":
+        rp = p.parent / "raw" / "granularity.jsonl"
+        raw = [json.loads(line) for line in rp.read_text().splitlines()] if rp.exists() else None
+        (out / "GRANULARITY.md").write_text(granularity_md(s, raw) + "\n")
+        print(f"report: wrote {out / 'GRANULARITY.md'}")
+        return
     written = plots(s, out)
     (out / "RESULTS.md").write_text(markdown(s) + "\n")
     print(f"report: wrote {out / 'RESULTS.md'}" + (f", {', '.join(written)}" if written else ""))
