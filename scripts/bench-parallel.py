@@ -63,16 +63,16 @@ import math
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
-import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(ROOT, "eval"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "llama"))
+import kvc_common as k  # noqa: E402
 import tasks  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
@@ -114,27 +114,9 @@ def model():
                           text=True, check=True).stdout.strip()
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def http(url, body=None, timeout=TIMEOUT):
-    data = None if body is None else json.dumps(body).encode()
-    r = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(r, timeout=timeout) as resp:
-            raw = resp.read().decode()
-            return resp.status, (json.loads(raw) if raw.startswith("{") else raw)
-    except urllib.error.HTTPError as e:
-        raw = e.read().decode()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw
+        return k.http_json(url, body, timeout)
     except (urllib.error.URLError, ConnectionError, OSError) as e:
         return None, str(e)
 
@@ -150,7 +132,7 @@ def instances(n):
 
 
 def start_server(policy, n, log_path):
-    port = free_port()
+    port = k.free_port()
     cmd = [os.path.join(BIN, "llama-server"), "-m", MODEL, "--host", "127.0.0.1", "--port", str(port),
            "-c", str(CTX), "-kvu", "-np", str(n), "-t", THREADS, "-b", str(BATCH), "-ub", str(UBATCH),
            "--cache-ram", "0", "--metrics", "--no-warmup", "--kv-policy", policy]
@@ -271,7 +253,7 @@ def run_n(policy, n, insts, n_prompt_est):
     finally:
         stop_server(srv, log)
     text = open(log_path, errors="replace").read()
-    log_failures = {k: len(p.findall(text)) for k, p in LOG_FAILURES.items()}
+    log_failures = {name: len(p.findall(text)) for name, p in LOG_FAILURES.items()}
     held = [r.get("cells_held") for r in reqs if r.get("cells_held") is not None]
     ok = all(r["ok"] for r in reqs) and not any(log_failures.values())
     return {"n": n, "ok": ok, "n_ok": sum(r["ok"] for r in reqs), "n_predict": n_predict,
@@ -284,7 +266,7 @@ def run_n(policy, n, insts, n_prompt_est):
 
 
 def describe(row):
-    bad = [f"{k}={v}" for k, v in row["log_failures"].items() if v]
+    bad = [f"{name}={v}" for name, v in row["log_failures"].items() if v]
     miss = [f"seed {r['seed']}: {r.get('error') or repr(r.get('answer', ''))[:40]}" for r in row["requests"] if not r["ok"]]
     held = [r["cells_held"] for r in row["requests"] if r.get("cells_held") is not None]
     pre = [r["cells_held_after_prefill"] for r in row["requests"] if r.get("cells_held_after_prefill") is not None]

@@ -74,6 +74,22 @@ def free_port():
     return port
 
 
+def http_json(url, body=None, timeout=300):
+    """(HTTP status, parsed JSON or text) of a GET (body None) or a JSON POST; HTTP errors are returned, not raised."""
+    data = None if body is None else json.dumps(body).encode()
+    r = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(r, timeout=timeout) as resp:
+            raw = resp.read().decode()
+            return resp.status, (json.loads(raw) if raw[:1] in "{[" else raw)
+    except urllib.error.HTTPError as e:
+        raw = e.read().decode()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw
+
+
 class Server:
     """llama-server on a free port with the test model (no RAM prompt cache), its output in TMP/server-NAME.log."""
 
@@ -90,18 +106,7 @@ class Server:
                                      stdout=self.log, stderr=subprocess.STDOUT, env=e)
 
     def req(self, path, body=None, timeout=300):
-        data = None if body is None else json.dumps(body).encode()
-        r = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(r, timeout=timeout) as resp:
-                raw = resp.read().decode()
-                return resp.status, (json.loads(raw) if raw[:1] in "{[" else raw)
-        except urllib.error.HTTPError as e:
-            raw = e.read().decode()
-            try:
-                return e.code, json.loads(raw)
-            except ValueError:
-                return e.code, raw
+        return http_json(self.url + path, body, timeout)
 
     def wait_up(self):
         t0 = time.time()

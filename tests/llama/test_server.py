@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kvc_common as k
@@ -40,18 +39,7 @@ srv = subprocess.Popen([os.path.join(k.BIN, "llama-server"), "-m", k.MODEL, "--h
 
 
 def req(path, body=None, timeout=600):
-    data = None if body is None else json.dumps(body).encode()
-    r = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(r, timeout=timeout) as resp:
-            raw = resp.read().decode()
-            return resp.status, (json.loads(raw) if raw.startswith("{") else raw)
-    except urllib.error.HTTPError as e:
-        raw = e.read().decode()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw
+    return k.http_json(URL + path, body, timeout)
 
 
 try:
