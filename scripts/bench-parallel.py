@@ -152,13 +152,7 @@ def start_server(policy, n, log_path):
 
 
 def stop_server(srv, log):
-    if srv.poll() is None:
-        srv.terminate()
-        try:
-            srv.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+    k.stop_process(srv, timeout=30)
     log.close()
 
 

@@ -90,6 +90,17 @@ def http_json(url, body=None, timeout=300):
             return e.code, raw
 
 
+def stop_process(proc, timeout=20):
+    """Terminate a server started for a test, kill it if it has not exited after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Server:
     """llama-server on a free port with the test model (no RAM prompt cache), its output in TMP/server-NAME.log."""
 
@@ -123,11 +134,7 @@ class Server:
         return False
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self.log.close()
         return open(self.log_path).read()
 

@@ -136,10 +136,6 @@ try:
     st, body = req("/health")
     c.check(st == 200, "/health ok at the end")
 finally:
-    srv.terminate()
-    try:
-        srv.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        srv.kill()
+    k.stop_process(srv)
     log.close()
 c.done()
