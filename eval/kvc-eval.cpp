@@ -18,9 +18,14 @@
 //                            the reference (next) token. The full-cache run is cached and reused by
 //                            the following jobs with the same context and continuation.
 //   policy        policy name (default "none"), params: ["k=v", ...]
+//   share_prefix  (default true) the head of the prompt (context in fidelity mode) is prefilled once
+//                 and restored from a copy by the next jobs on the same text (see prefill_prompt:
+//                 prefill_ms is then the restore and the tail);
+//                 false for scorers that accumulate the queries of every prefill call (h2o).
+//                 --eval-no-share turns it off for every job (the equivalence test compares both)
 //   context, question, continuation: text; n_predict: tokens to decode (default 16)
 //
-// Output (aware/agnostic): answer, n_prompt, n_context, cells_held_prefill (after the context),
+// Output (aware/agnostic): answer, n_shared (tokens restored from the shared head, 0 if none), n_prompt, n_context, cells_held_prefill (after the context),
 // cells_held_prompt (after the whole prompt), cells_held (at the end), cells_evicted, policy_runs,
 // kv_bytes_held, layer_kept, prefill_ms, decode_ms.
 // Output (fidelity): n_context, n_positions, kl_mean, kl_median, kl_p99, kl_max, top1, dp_mean,
@@ -63,6 +68,11 @@ struct eval_ctx {
     std::vector<float>       ref_logp;  // n_pos * n_vocab
     std::vector<llama_token> ref_top1;
     double ref_prefill_ms = 0.0;
+
+    // the shared head of the last prompt (prefill_prompt)
+    bool share = true;
+    std::vector<llama_token> head_toks;
+    std::vector<uint8_t>     head_state;
 };
 
 static const llama_seq_id SEQ = 0;
@@ -94,6 +104,50 @@ static void prefill(eval_ctx & ec, const std::vector<llama_token> & toks, llama_
             throw eval_error(string_format("decode of the %s failed at token %d of %d (rc %d; cache full? raise -c)", what, i, n, rc));
         }
     }
+}
+
+// A prompt is prefilled as a head (n_batch calls, no logits) and a tail of kTailMin..2*kTailMin-1
+// tokens (one call), and the head is prefilled once and restored from a copy for every job on the
+// same text. A policy plans nothing before logits are requested (no cap binds with -c sized to the
+// prompt, and decode-interval runs need one-token calls), and the patch captures queries per call:
+// so a job that restores the head sees the same cells, and from the tail the same newest query rows
+// (more than any default window), as one that prefills it. Scorers whose query ring spans calls
+// (h2o) run unshared, with the same calls. Returns the tokens restored from the copy.
+static const int32_t kTailMin = 64;
+
+static int32_t prefill_prompt(eval_ctx & ec, const std::vector<llama_token> & toks, llama_pos & n_past, bool want_logits,
+                              const char * what, bool share, const std::string & policy, const std::vector<std::string> & params) {
+    const int32_t n = (int32_t) toks.size();
+    const int32_t n_head = n >= 2*kTailMin && n_past == 0 ? (n - kTailMin)/kTailMin*kTailMin : 0;
+    if (n_head == 0) {
+        prefill(ec, toks, n_past, want_logits, what);
+        return 0;
+    }
+    const std::vector<llama_token> head(toks.begin(), toks.begin() + n_head);
+    const std::vector<llama_token> tail(toks.begin() + n_head, toks.end());
+    if (!share || !ec.share) {
+        prefill(ec, head, n_past, false, what);
+        prefill(ec, tail, n_past, want_logits, what);
+        return 0;
+    }
+    if (ec.head_toks != head) {
+        ec.head_toks.clear();
+        set_policy(ec, "none", {});
+        llama_pos p = 0;
+        prefill(ec, head, p, false, what);
+        ec.head_state.resize(llama_state_seq_get_size(ec.ctx, SEQ));
+        if (llama_state_seq_get_data(ec.ctx, ec.head_state.data(), ec.head_state.size(), SEQ) != ec.head_state.size()) {
+            throw eval_error("cannot copy the state of the prompt's head");
+        }
+        ec.head_toks = head;
+    }
+    set_policy(ec, policy, params);
+    if (llama_state_seq_set_data(ec.ctx, ec.head_state.data(), ec.head_state.size(), SEQ) == 0) {
+        throw eval_error("cannot restore the state of the prompt's head");
+    }
+    n_past = n_head;
+    prefill(ec, tail, n_past, want_logits, what);
+    return n_head;
 }
 
 static void decode_one(eval_ctx & ec, llama_token tok, llama_pos & n_past) {
@@ -147,7 +201,9 @@ static int32_t held(eval_ctx & ec) {
     return common_kv_policy_get_stats(ec.ctx, SEQ).n_held;
 }
 
-static void run_task(eval_ctx & ec, const json & job, const std::string & mode, json & out) {
+static void run_task(eval_ctx & ec, const json & job, const std::string & mode, const std::string & policy,
+                     const std::vector<std::string> & params, json & out) {
+    const bool share = job.value("share_prefix", true);
     const std::string context  = job.value("context", "");
     const std::string question = job.value("question", "");
     const int32_t n_predict = job.value("n_predict", 16);
@@ -163,15 +219,17 @@ static void run_task(eval_ctx & ec, const json & job, const std::string & mode, 
         q_toks   = question.empty() ? std::vector<llama_token>() : tokenize(ec, question, false);
     }
 
+    set_policy(ec, policy, params);
     llama_pos n_past = 0;
     const int64_t t0 = ggml_time_us();
     int32_t held_prefill = -1;
+    int32_t n_shared = 0;
     if (mode == "aware") {
-        prefill(ec, all_toks, n_past, true, "prompt");
+        n_shared = prefill_prompt(ec, all_toks, n_past, true, "prompt", share, policy, params);
         held_prefill = held(ec);
         out["n_prompt"]  = all_toks.size();
     } else {
-        prefill(ec, ctx_toks, n_past, true, "context");
+        n_shared = prefill_prompt(ec, ctx_toks, n_past, true, "context", share, policy, params);
         held_prefill = held(ec);
         if (!q_toks.empty()) {
             prefill(ec, q_toks, n_past, true, "question");
@@ -201,6 +259,7 @@ static void run_task(eval_ctx & ec, const json & job, const std::string & mode, 
     }
 
     out["answer"] = text;
+    out["n_shared"] = n_shared;
     out["cells_held_prefill"] = held_prefill;
     out["cells_held_prompt"]  = held_prompt;
     add_stats(ec, out);
@@ -213,10 +272,12 @@ static void run_task(eval_ctx & ec, const json & job, const std::string & mode, 
 // logits after cont[j] (predicting cont[j+1])
 template <typename F>
 static void teacher_force(eval_ctx & ec, const std::vector<llama_token> & ctx_toks, const std::vector<llama_token> & cont,
+                          const std::string & policy, const std::vector<std::string> & params, bool share,
                           double & prefill_ms, double & decode_ms, int32_t & held_prefill, F fn) {
+    set_policy(ec, policy, params);
     llama_pos n_past = 0;
     const int64_t t0 = ggml_time_us();
-    prefill(ec, ctx_toks, n_past, true, "context");
+    prefill_prompt(ec, ctx_toks, n_past, true, "context", share, policy, params);
     held_prefill = held(ec);
     const int64_t t1 = ggml_time_us();
     for (size_t j = 0; j + 1 < cont.size(); ++j) {
@@ -252,6 +313,7 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
     }
     const size_t n_pos = cont.size() - 1;
     const int32_t V = ec.n_vocab;
+    const bool share = job.value("share_prefix", true);
 
     double pf_ms = 0, dc_ms = 0;
     int32_t held_prefill = -1;
@@ -259,10 +321,9 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
     const std::string key = context + std::string(1, '\0') + contin;
     if (ec.ref_key != key) {
         ec.ref_key.clear();
-        set_policy(ec, "none", {});
         ec.ref_logp.resize(n_pos * (size_t) V);
         ec.ref_top1.resize(n_pos);
-        teacher_force(ec, ctx_toks, cont, pf_ms, dc_ms, held_prefill, [&](size_t j, const float * logits) {
+        teacher_force(ec, ctx_toks, cont, "none", {}, share, pf_ms, dc_ms, held_prefill, [&](size_t j, const float * logits) {
             log_softmax(logits, V, ec.ref_logp.data() + j * V);
             ec.ref_top1[j] = argmax(logits, V);
         });
@@ -272,13 +333,12 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
         out["ref_decode_ms"]  = dc_ms;
     }
 
-    set_policy(ec, policy, params);
     std::vector<float>  logp(V);
     std::vector<double> kl(n_pos), dp(n_pos);
     double kept_sum = 0.0; // cells held / tokens seen, averaged over the positions
     double nll_full = 0.0, nll_pol = 0.0;
     size_t n_top1 = 0;
-    teacher_force(ec, ctx_toks, cont, pf_ms, dc_ms, held_prefill, [&](size_t j, const float * logits) {
+    teacher_force(ec, ctx_toks, cont, policy, params, share, pf_ms, dc_ms, held_prefill, [&](size_t j, const float * logits) {
         log_softmax(logits, V, logp.data());
         const float * lf = ec.ref_logp.data() + j * V;
         double s = 0.0;
@@ -322,7 +382,7 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
 }
 
 static void print_usage(const char * argv0) {
-    fprintf(stderr, "usage: %s -m MODEL [-c N -b N -t N ...] --eval-jobs FILE.jsonl [--eval-out FILE.jsonl]\n", argv0);
+    fprintf(stderr, "usage: %s -m MODEL [-c N -b N -t N ...] --eval-jobs FILE.jsonl [--eval-out FILE.jsonl] [--eval-no-share]\n", argv0);
     fprintf(stderr, "  jobs: {\"id\", \"mode\": aware|agnostic|fidelity, \"policy\", \"params\": [\"k=v\"], \"context\", \"question\", \"continuation\", \"n_predict\"}\n");
 }
 
@@ -331,6 +391,7 @@ int main(int argc, char ** argv) {
 
     std::string jobs_path;
     std::string out_path;
+    bool no_share = false;
 
     std::vector<char *> args;
     for (int i = 0; i < argc; ++i) {
@@ -338,6 +399,8 @@ int main(int argc, char ** argv) {
             jobs_path = argv[++i];
         } else if (i + 1 < argc && strcmp(argv[i], "--eval-out") == 0) {
             out_path = argv[++i];
+        } else if (strcmp(argv[i], "--eval-no-share") == 0) {
+            no_share = true;
         } else {
             args.push_back(argv[i]);
         }
@@ -419,6 +482,7 @@ int main(int argc, char ** argv) {
     ec.vocab   = llama_model_get_vocab(ec.model);
     ec.n_vocab = llama_vocab_n_tokens(ec.vocab);
     ec.n_batch = llama_n_batch(ec.ctx);
+    ec.share   = !no_share;
 
     {
         const int32_t n_layer    = llama_model_n_layer(ec.model);
@@ -457,8 +521,7 @@ int main(int argc, char ** argv) {
             if (mode == "fidelity") {
                 run_fidelity(ec, job, policy, pparams, out);
             } else {
-                set_policy(ec, policy, pparams);
-                run_task(ec, job, mode, out);
+                run_task(ec, job, mode, policy, pparams, out);
             }
         } catch (const std::exception & e) {
             out["error"] = e.what();

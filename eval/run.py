@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fidelity and retrieval evaluation of the KV policies (EVALUATION.md, ALGORITHMS.md §6).
 
-Runs build/llama/bin/kvc-eval (one model load per group of jobs, one process at a time, -t 1)
+Runs build/llama/bin/kvc-eval (one model load per group of jobs; --workers processes, -t 1 each)
 over task instances from eval/tasks.py in question-aware and question-agnostic mode, plus
 teacher-forced fidelity runs, writes results/raw/<preset>.jsonl (one line per job, kept for
 --resume) and results/summary.json, then checks the assertions of the preset.
@@ -14,8 +14,8 @@ Every score is relative to the full cache (policy none) on the same input:
   kept       cells held after the prompt / prompt tokens (fidelity: after the context)
   KL, top1   teacher-forced KL(p_full || p_policy) and top-1 agreement over the continuation
 
-  python3 eval/run.py --preset quick            # CI: < 8 min on 2 cores, exits 1 on a failed check
-  python3 eval/run.py --preset full --resume    # README numbers (hours); --max-minutes to cut
+  python3 eval/run.py --preset quick            # CI: ~3 min on 2 cores, exits 1 on a failed check
+  python3 eval/run.py --preset full --resume    # README numbers (~80 min on 2 cores); --max-minutes to cut
   python3 eval/run.py --preset reduced --resume # 1K tokens, fewer instances (what fits in ~45 min)
   python3 eval/run.py --preset granularity      # per-layer/per-head sets vs token (issue 6, ~25 min)
 """
@@ -108,12 +108,14 @@ PRESETS = {
         modes=["aware"], settings=GRANULARITY, agnostic_settings=None,
         fidelity=dict(contexts=[1024], cont=128, seeds=[1], settings=GRANULARITY),
     ),
+    # the README numbers: 54 instances (6 tasks x 1K/2K/4K x depth 0.1/0.5/0.9) in both modes under every
+    # setting of the reduced grid, and fidelity on 1K/2K/4K tokens of prose (~80 min with 2 workers)
     "full": dict(
-        lengths=[1024, 2048, 4096], depths=[0.0, 0.25, 0.5, 0.75, 1.0], seeds=[1],
+        lengths=[1024, 2048, 4096], depths=[0.1, 0.5, 0.9], seeds=[1],
         tasks=list(tasks.GENERATORS), modes=["aware", "agnostic"],
-        settings=all_settings() + pick(DEFAULT_BF), agnostic_settings=None,
+        settings=all_settings(core_only=True) + pick(DEFAULT_BF), agnostic_settings=None,
         fidelity=dict(contexts=[1024, 2048, 4096], cont=256, seeds=[1],
-                      settings=pick([CONTROL]) + all_settings() + pick(DEFAULT_BF)),
+                      settings=pick([CONTROL]) + all_settings(core_only=True) + pick(DEFAULT_BF)),
     ),
 }
 
@@ -136,6 +138,13 @@ def fidelity_text(tokens, cont, seed):
     return text[:cut], text[cut:]
 
 
+def shares_prefix(s):
+    """kvc-eval prefills a prompt's head once per instance and restores it for every setting (the
+    same cells and tail queries, tested bitwise in tests/llama/test_eval.py); h2o's query ring spans
+    prefill calls, so it prefills its own head."""
+    return s["policy"] != "h2o"
+
+
 def build_groups(cfg):
     """Groups of jobs, one kvc-eval process each, in priority order (fidelity, aware, agnostic)."""
     groups = []
@@ -145,7 +154,7 @@ def build_groups(cfg):
             ctx, cont = fidelity_text(n, fid["cont"], seed)
             iid = f"fid-{n}-{fid['cont']}-{seed}"
             jobs = [dict(id=f"fidelity|{iid}|{s['label']}", mode="fidelity", policy=s["policy"], params=s["params"],
-                         context=ctx, continuation=cont,
+                         context=ctx, continuation=cont, share_prefix=shares_prefix(s),
                          tag=dict(instance=iid, label=s["label"], target_tokens=n))
                     for s in dedup(fid["settings"]) if s["policy"] != "none"]
             groups.append((f"fidelity {iid}", n + fid["cont"], jobs))
@@ -161,7 +170,7 @@ def build_groups(cfg):
                                          else cfg["agnostic_settings"])
                         jobs = [dict(id=f"{mode}|{inst['id']}|{s['label']}", mode=mode, policy=s["policy"],
                                      params=s["params"], context=inst["context"], question=inst["question"],
-                                     n_predict=N_PREDICT.get(task, 12),
+                                     n_predict=N_PREDICT.get(task, 12), share_prefix=shares_prefix(s),
                                      tag=dict(instance=inst["id"], task=task, depth=d, target_tokens=n,
                                               expected=inst["answer"], label=s["label"]))
                                 for s in settings]
@@ -182,18 +191,50 @@ def read_raw(path):
     return rows
 
 
-def run_group(binary, model, jobs, n_tokens, raw_path, threads, tmpdir):
+def run_group(binary, model, jobs, n_tokens, out_path, threads, tmpdir):
     n_ctx = int(n_tokens * 1.3) + 512
     n_ctx = (n_ctx + 255) // 256 * 256
-    jobs_path = tmpdir / "jobs.jsonl"
+    jobs_path = tmpdir / f"jobs-{out_path.stem}.jsonl"
     jobs_path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
     cmd = [str(binary), "-m", model, "-t", str(threads), "-c", str(n_ctx), "-b", "512",
-           "--eval-jobs", str(jobs_path), "--eval-out", str(raw_path)]
+           "--eval-jobs", str(jobs_path), "--eval-out", str(out_path)]
     p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
         tail = "\n".join(p.stderr.strip().splitlines()[-8:])
         print(f"eval: kvc-eval exited {p.returncode}:\n{tail}", file=sys.stderr)
     return p.returncode
+
+
+def run_groups(todo, a, model, raw_path, tmpdir, t0):
+    """Run the groups on a.workers kvc-eval processes (-t a.threads each). Each writes its own file,
+    appended to raw_path when it ends, so lines never interleave and --resume sees whole groups.
+    Returns False if --max-minutes stopped it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    lock = threading.Lock()
+    cut = threading.Event()
+
+    def one(i, name, n_tokens, jobs):
+        if a.max_minutes and time.time() - t0 > a.max_minutes * 60:
+            cut.set()
+            return
+        out = tmpdir / f"out-{i}.jsonl"
+        out.unlink(missing_ok=True)
+        tg = time.time()
+        run_group(a.bin, model, jobs, n_tokens, out, a.threads, tmpdir)
+        lines = out.read_text() if out.exists() else ""
+        with lock:
+            with open(raw_path, "a") as f:
+                f.write(lines)
+            print(f"eval: {name}: {len(jobs)} jobs in {time.time() - tg:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
+        out.unlink(missing_ok=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, a.workers)) as pool:
+        for f in [pool.submit(one, i, *g) for i, g in enumerate(todo)]:
+            f.result()
+    if cut.is_set():
+        print(f"eval: --max-minutes {a.max_minutes:g} reached; the rest is left for --resume", flush=True)
+    return not cut.is_set()
 
 
 def answer_part(text):
@@ -337,7 +378,9 @@ def main():
     ap.add_argument("--summarize-only", action="store_true", help="no model runs; summarize the raw file")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only the groups whose name contains TEXT (repeatable), e.g. 'fidelity', 'aware passkey'")
-    ap.add_argument("--threads", "-t", type=int, default=1)
+    ap.add_argument("--threads", "-t", type=int, default=1, help="threads per kvc-eval process")
+    ap.add_argument("--workers", "-j", type=int, default=min(2, os.cpu_count() or 1),
+                    help="kvc-eval processes at once (default: 2, or 1 on a 1-core machine)")
     ap.add_argument("--bin", default=str(ROOT / "build/llama/bin/kvc-eval"))
     ap.add_argument("--model", default=None, help="GGUF (default: scripts/llama.sh model)")
     ap.add_argument("--out", default=str(ROOT / "results"))
@@ -367,19 +410,11 @@ def main():
         tmpdir = raw_dir / f".{a.preset}.tmp"
         tmpdir.mkdir(exist_ok=True)
         done = read_raw(raw_path)
-        print(f"eval: preset {a.preset}: {n_jobs} jobs in {len(groups)} groups, {len(done)} already done", flush=True)
-        for name, n_tokens, jobs in groups:
-            todo = [j for j in jobs if j["id"] not in done]
-            if not todo or (a.only and not any(o in name for o in a.only)):
-                continue
-            if a.max_minutes and time.time() - t0 > a.max_minutes * 60:
-                print(f"eval: --max-minutes {a.max_minutes:g} reached; the rest is left for --resume", flush=True)
-                complete = False
-                break
-            tg = time.time()
-            run_group(a.bin, model, todo, n_tokens, raw_path, a.threads, tmpdir)
-            done = read_raw(raw_path)
-            print(f"eval: {name}: {len(todo)} jobs in {time.time() - tg:.0f} s ({time.time() - t0:.0f} s total)", flush=True)
+        print(f"eval: preset {a.preset}: {n_jobs} jobs in {len(groups)} groups, {len(done)} already done; "
+              f"{a.workers} worker(s) x -t {a.threads}", flush=True)
+        todo = [(name, n_tokens, [j for j in jobs if j["id"] not in done]) for name, n_tokens, jobs in groups
+                if not a.only or any(o in name for o in a.only)]
+        complete = run_groups([g for g in todo if g[2]], a, model, raw_path, tmpdir, t0)
 
     rows = read_raw(raw_path)
     wanted = {j["id"] for g in groups for j in g[2]}
@@ -392,7 +427,7 @@ def main():
         model=Path(model).name, cache_type="f16",
         libkvcompress_md5=md5(lib), kvcompress_commit=git_head(),
         llama_cpp=(ROOT / "patches/LLAMA_CPP_COMMIT").read_text().strip(),
-        machine=f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores", threads=a.threads,
+        machine=f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores", threads=a.threads, workers=a.workers,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         lengths=cfg["lengths"], depths=cfg["depths"], tasks=cfg["tasks"], seeds=cfg["seeds"],
         fidelity_contexts=cfg["fidelity"]["contexts"], fidelity_continuation=cfg["fidelity"]["cont"],
