@@ -150,8 +150,9 @@ def markdown(s):
     lines += ["", f"Instances per setting: aware {n_inst.get('aware', 0)}, agnostic {n_inst.get('agnostic', 0)}; "
               "with so few instances one miss moves accuracy by 1/n."]
     for mode in ("aware", "agnostic"):
-        if inst.get(mode):
+        if inst.get(mode) and len(inst[mode]) <= 16:
             lines.append(f"{mode}: {', '.join('`' + i + '`' for i in inst[mode])}.")
+    lines += breakdown(s)
     lines += ["", "## Project targets", "",
               "| target | verdict | evidence |", "|---|---|---|"]
     for name, verdict, ev in targets(s):
@@ -169,6 +170,46 @@ def markdown(s):
                   "(cells are shared across layers in llama.cpp), so the per-layer kept fraction is flat.", ""]
     lines += benchmarks(Path(ROOT / "results"))
     return "\n".join(lines)
+
+
+BREAKDOWN = ["none", "dbudget", "dbudget threshold=0.05", "gvote", "gvote quorum=0.75", "snapkv ratio=0.5",
+             "adakv ratio=0.5", "dynamickv ratio=0.5", "pyramidkv ratio=0.5", "h2o ratio=0.5", "streaming ratio=0.5"]
+
+
+def breakdown(s):
+    """Answers equal to the full cache's and kept fraction, by prompt length and by task, for the main
+    settings (only when the run has more than one length or task)."""
+    rows = [t for t in s["tasks"] if t["label"] in BREAKDOWN]
+    if not rows or "tokens" not in rows[0]["instances"][0]:
+        return []
+    lengths = sorted({p["tokens"] for t in rows for p in t["instances"]})
+    task_names = sorted({p["task"] for t in rows for p in t["instances"]})
+    if len(lengths) < 2 and len(task_names) < 2:
+        return []
+    out = ["", "### By prompt length and task", "",
+           "Answers equal to the full cache's (agree), as a fraction of the instances, and kept fraction, "
+           "for the main settings; **aware / agnostic**.", ""]
+    cols = [f"{n} tok" for n in lengths] + task_names
+    out += ["| setting | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    by = {(t["mode"], t["label"]): t for t in rows}
+    for lab in BREAKDOWN:
+        cells = []
+        for key, val in [("tokens", n) for n in lengths] + [("task", k) for k in task_names]:
+            part = []
+            for mode in ("aware", "agnostic"):
+                t = by.get((mode, lab))
+                ps = [p for p in t["instances"] if p[key] == val] if t else []
+                if ps:
+                    ag = sum(p["agree"] for p in ps) / len(ps)
+                    kept = sum(p["kept"] for p in ps) / len(ps)
+                    part.append(f"{ag:.2f} ({kept:.2f})")
+                else:
+                    part.append("–")
+            cells.append(" / ".join(part))
+        if any(c != "– / –" for c in cells):
+            out.append(f"| `{lab}` | " + " | ".join(cells) + " |")
+    out += ["", "Each cell: agree (kept), aware / agnostic.", ""]
+    return out
 
 
 def load_json(path):
@@ -323,7 +364,19 @@ def plots(s, out):
         return []
     written = []
 
+    def label_points(ax, pts):
+        """Tag the budget-free points, skipping one that would sit on a tag already drawn (the default
+        setting often equals a sweep point); call after the axis limits are final."""
+        placed = []
+        for x, y, tag, c in pts:
+            px, py = ax.transData.transform((x, y))
+            if any(abs(px - qx) < 40 and abs(py - qy) < 10 for qx, qy in placed):
+                continue
+            placed.append((px, py))
+            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+
     def curves(ax, rows, xkey, ykey, logy=False):
+        tags = []
         by = {}
         for r in rows:
             by.setdefault(r["policy"], []).append(r)
@@ -339,9 +392,9 @@ def plots(s, out):
             elif pol in BF_STYLE:
                 c, mk = BF_STYLE[pol]
                 ax.plot(xs, ys, linestyle=":", marker=mk, markersize=8, color=c, label=f"{pol} (budget-free)", zorder=4)
-                for r, x, y in zip(rs, xs, ys):
-                    tag = " ".join(r["params"]) or "default"
-                    ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+                # the default first, so that it keeps its tag when a sweep point coincides with it
+                tags += sorted(((x, y, " ".join(r["params"]) or "default", c) for r, x, y in zip(rs, xs, ys)),
+                               key=lambda t: t[2] != "default")
             else:
                 ax.plot(xs, ys, marker="o", markersize=4, color=FIXED_STYLE.get(pol), label=pol, alpha=0.85)
         if logy:
@@ -349,15 +402,17 @@ def plots(s, out):
         ax.set_xlabel("kept fraction (cells held / tokens seen)")
         ax.set_xlim(0, 1.03)
         ax.grid(alpha=0.3)
+        return tags
 
     modes = [m for m in ("aware", "agnostic") if any(t["mode"] == m for t in s["tasks"])]
     if modes:
         fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             rows = [t for t in s["tasks"] if t["mode"] == mode]
-            curves(ax, rows, "kept_fraction", "accuracy")
+            tags = curves(ax, rows, "kept_fraction", "accuracy")
             ax.set_ylabel("retrieval accuracy")
             ax.set_ylim(-0.05, 1.08)
+            label_points(ax, tags)
             ax.set_title(f"question-{mode} (n={rows[0]['n']} per point)")
         axes[0][0].legend(fontsize=8, loc="lower right")
         fig.suptitle(f"{s['meta']['model']}: accuracy vs kept fraction", fontsize=11)
@@ -368,12 +423,13 @@ def plots(s, out):
     if s["fidelity"]:
         rows = [dict(x) for x in s["fidelity"] if x["params"] != ["ratio=0"]]  # the noise-floor control
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-        curves(axes[0], rows, "kept_fraction", "kl_mean", logy=True)
+        label_points(axes[0], curves(axes[0], rows, "kept_fraction", "kl_mean", logy=True))
         axes[0].set_ylabel("mean KL(p_full || p_policy) per token")
         axes[0].set_title("teacher-forced KL (lower is better)")
-        curves(axes[1], rows, "kept_fraction", "top1")
+        tags = curves(axes[1], rows, "kept_fraction", "top1")
         axes[1].scatter([1.0], [1.0], marker="*", s=160, color="black", zorder=5, label="none (full cache)")
         axes[1].set_ylim(top=1.005)
+        label_points(axes[1], tags)
         axes[1].axhline(0.99, color="black", linestyle="--", linewidth=0.8)
         axes[1].annotate("lossless gate 0.99", (0.02, 0.99), textcoords="offset points", xytext=(0, 4), fontsize=8)
         axes[1].set_ylabel("top-1 agreement with the full cache")

@@ -279,7 +279,7 @@ def summarize(rows, cfg, meta):
             same = f is not None and ok == tasks.correct(f["answer"], t["expected"])
             kept = r["cells_held_prompt"] / r["n_prompt"] if r["n_prompt"] else None
             kept_end = r["cells_held"] / (r["n_prompt"] + r["n_decoded"] + 1)
-            per.append(dict(instance=t["instance"], task=t["task"], depth=t["depth"], correct=ok, agree=agree, exact=exact,
+            per.append(dict(instance=t["instance"], task=t["task"], depth=t["depth"], tokens=t["target_tokens"], correct=ok, agree=agree, exact=exact,
                             same_score=same, kept=kept, kept_end=kept_end, prefill_ms=r["prefill_ms"],
                             ref_prefill_ms=f["prefill_ms"] if f else None))
         by_task = {}
