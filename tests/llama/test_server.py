@@ -5,7 +5,8 @@ Server on 127.0.0.1 (ephemeral port), 4 slots, -t 1. Checks:
 - 8 concurrent requests with mixed kv_policy (default, string, object with params; /completion and
   /v1/chat/completions) all answer, and report timings.kv_policy {name, cells_held, cells_evicted};
 - the passkey survives the default policy;
-- a malformed kv_policy (unknown name, bad value, wrong type) gets HTTP 400 with the reason, and
+- a malformed kv_policy (unknown name, bad value, wrong type) gets HTTP 400 with the reason, so does
+  a body that is not JSON (upstream answers 500: patch 0005), and
   /health is still ok afterwards;
 - a prompt longer than the slot context is accepted with a policy (cells held are what counts) and
   refused without one;
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kvc_common as k
@@ -103,6 +105,15 @@ try:
         st, body = req("/completion", {"prompt": "hello", "n_predict": 2, "kv_policy": bad})
         msg = body.get("error", {}).get("message", "") if isinstance(body, dict) else str(body)
         c.check(st == 400 and "kv_policy" in msg, "malformed kv_policy (%s) -> %d: %s" % (why, st, msg[:120]))
+    # a body that is not JSON: the client's error (400), not the server's (upstream: 500)
+    for raw, why in ((b'{"prompt": "hello", "n_predict": ', "truncated JSON"), (b"prompt=hello", "not JSON")):
+        r = urllib.request.Request(URL + "/completion", data=raw, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(r, timeout=60) as resp:
+                st, text = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            st, text = e.code, e.read().decode()
+        c.check(st == 400 and "invalid JSON" in text, "malformed body (%s) -> %d: %s" % (why, st, text[:120]))
     st, body = req("/health")
     c.check(st == 200, "/health still ok after the bad requests")
 
