@@ -15,7 +15,7 @@ Every score is relative to the full cache (policy none) on the same input:
   KL, top1   teacher-forced KL(p_full || p_policy) and top-1 agreement over the continuation
 
   python3 eval/run.py --preset quick            # CI: ~3 min on 2 cores, exits 1 on a failed check
-  python3 eval/run.py --preset full --resume    # README numbers (~80 min on 2 cores); --max-minutes to cut
+  python3 eval/run.py --preset full --resume    # README numbers (~75 min on 2 cores); --max-minutes to cut
   python3 eval/run.py --preset reduced --resume # 1K tokens, fewer instances (what fits in ~45 min)
   python3 eval/run.py --preset granularity      # per-layer/per-head sets vs token (issue 6, ~25 min)
 """
