@@ -354,6 +354,27 @@ def layer_rows(s):
     return rows
 
 
+def layer_plot(s, out, plt):
+    """layer-kept.png: kept fraction per layer (rows: settings whose layers differ), a heatmap."""
+    lr = layer_rows(s)
+    if not lr:
+        return None
+    labels = list(lr)
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.8))
+    im = ax.imshow([lr[k] for k in labels], aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(len(next(iter(lr.values())))))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title(f"{s['meta']['model']}: kept fraction per layer (question-aware, mean over instances)",
+                 fontsize=10)
+    fig.colorbar(im, ax=ax, label="cells kept / prompt tokens")
+    fig.tight_layout()
+    fig.savefig(out / "layer-kept.png", dpi=110)
+    plt.close(fig)
+    return "layer-kept.png"
+
+
 def plots(s, out):
     try:
         import matplotlib
@@ -442,19 +463,9 @@ def plots(s, out):
         fig.savefig(out / "kl-vs-kept.png", dpi=110)
         plt.close(fig)
         written.append("kl-vs-kept.png")
-    lr = layer_rows(s)
-    if lr:
-        labels = list(lr)
-        fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
-        im = ax.imshow([lr[k] for k in labels], aspect="auto", cmap="viridis", vmin=0, vmax=1)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("layer")
-        ax.set_title("kept fraction per layer (question-aware)")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(out / "layer-kept.png", dpi=110)
-        plt.close(fig)
-        written.append("layer-kept.png")
+    lp = layer_plot(s, out, plt)
+    if lp:
+        written.append(lp)
     o = overhead_plot(ROOT / "results", out, plt)
     if o:
         written.append(o)
@@ -522,7 +533,19 @@ def main():
     if s["meta"].get("preset") == "granularity":
         rp = p.parent / "raw" / "granularity.jsonl"
         raw = [json.loads(line) for line in rp.read_text().splitlines()] if rp.exists() else None
-        (out / "GRANULARITY.md").write_text(granularity_md(s, raw) + "\n")
+        md = granularity_md(s, raw)
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            if layer_plot(s, out, plt):
+                md += "\n\n![kept fraction per layer](layer-kept.png)\n\nRows whose layers keep different counts; " \
+                      "a re-packed sequence holds the largest layer's set, which is why per-layer " \
+                      "pyramidkv/dynamickv hold (almost) every cell; with granularity=head a layer's count " \
+                      "is the cells any of its KV heads keeps."
+        except ImportError:
+            pass
+        (out / "GRANULARITY.md").write_text(md + "\n")
         print(f"report: wrote {out / 'GRANULARITY.md'}")
         return
     written = plots(s, out)
