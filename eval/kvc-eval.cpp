@@ -28,7 +28,9 @@
 // Output (aware/agnostic): answer, n_shared (tokens restored from the shared head, 0 if none), n_prompt, n_context, cells_held_prefill (after the context),
 // cells_held_prompt (after the whole prompt), cells_held (at the end), cells_evicted, policy_runs,
 // kv_bytes_held, layer_kept, prefill_ms, decode_ms.
-// Output (fidelity): n_context, n_positions, kl_mean, kl_median, kl_p99, kl_max, top1, dp_mean,
+// Output (fidelity): n_context, n_positions, kl_mean, kl_median, kl_p99, kl_max, top1,
+// top1_confident (top-1 agreement where the full cache's p1 - p2 >= 0.1), n_confident,
+// flip_margin_median (the full cache's p1 - p2 where top-1 differs), dp_mean,
 // dp_max, nll_full, nll_policy, cells_held_prefill, kept_mean (cells held / tokens seen, averaged
 // over the positions: the policy runs again every `interval` tokens), cells_held, kv_bytes_held ...
 //
@@ -67,6 +69,7 @@ struct eval_ctx {
     std::string ref_key;
     std::vector<float>       ref_logp;  // n_pos * n_vocab
     std::vector<llama_token> ref_top1;
+    std::vector<float>       ref_margin; // p(top-1) - p(top-2) of the full cache per position
     double ref_prefill_ms = 0.0;
 
     // the shared head of the last prompt (prefill_prompt)
@@ -323,9 +326,18 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
         ec.ref_key.clear();
         ec.ref_logp.resize(n_pos * (size_t) V);
         ec.ref_top1.resize(n_pos);
+        ec.ref_margin.resize(n_pos);
         teacher_force(ec, ctx_toks, cont, "none", {}, share, pf_ms, dc_ms, held_prefill, [&](size_t j, const float * logits) {
-            log_softmax(logits, V, ec.ref_logp.data() + j * V);
+            float * lp = ec.ref_logp.data() + j * V;
+            log_softmax(logits, V, lp);
             ec.ref_top1[j] = argmax(logits, V);
+            float second = -INFINITY;
+            for (int32_t t = 0; t < V; ++t) {
+                if (t != ec.ref_top1[j]) {
+                    second = std::max(second, lp[t]);
+                }
+            }
+            ec.ref_margin[j] = std::exp(lp[ec.ref_top1[j]]) - std::exp(second);
         });
         ec.ref_key = key;
         ec.ref_prefill_ms = pf_ms;
@@ -338,6 +350,11 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
     double kept_sum = 0.0; // cells held / tokens seen, averaged over the positions
     double nll_full = 0.0, nll_pol = 0.0;
     size_t n_top1 = 0;
+    // a top-1 flip where the full cache itself hesitates (margin < CONFIDENT) is a coin toss between
+    // near-equal tokens; reported apart so that the gate can be read for the tokens the model is sure of
+    const float CONFIDENT = 0.1f;
+    size_t n_conf = 0, n_conf_top1 = 0;
+    std::vector<double> flip_margin;
     teacher_force(ec, ctx_toks, cont, policy, params, share, pf_ms, dc_ms, held_prefill, [&](size_t j, const float * logits) {
         log_softmax(logits, V, logp.data());
         const float * lf = ec.ref_logp.data() + j * V;
@@ -349,7 +366,15 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
             }
         }
         kl[j] = std::max(0.0, s);
-        n_top1 += argmax(logits, V) == ec.ref_top1[j];
+        const bool same = argmax(logits, V) == ec.ref_top1[j];
+        n_top1 += same;
+        if (ec.ref_margin[j] >= CONFIDENT) {
+            n_conf      += 1;
+            n_conf_top1 += same;
+        }
+        if (!same) {
+            flip_margin.push_back(ec.ref_margin[j]);
+        }
         const llama_token ref = cont[j + 1];
         dp[j] = std::fabs(std::exp((double) lf[ref]) - std::exp((double) logp[ref]));
         nll_full -= lf[ref];
@@ -370,6 +395,9 @@ static void run_fidelity(eval_ctx & ec, const json & job, const std::string & po
     out["kl_p99"]      = percentile(kl, 0.99);
     out["kl_max"]      = *std::max_element(kl.begin(), kl.end());
     out["top1"]        = (double) n_top1 / n_pos;
+    out["top1_confident"]    = n_conf ? (double) n_conf_top1 / n_conf : 1.0;
+    out["n_confident"]       = n_conf;
+    out["flip_margin_median"] = flip_margin.empty() ? 0.0 : percentile(flip_margin, 0.5);
     out["dp_mean"]     = dp_sum / n_pos;
     out["dp_max"]      = dp_max;
     out["nll_full"]    = nll_full / n_pos;

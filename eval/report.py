@@ -54,7 +54,8 @@ def targets(s):
         rows.append(ok)
         out.append((f"dbudget frees >= 25 % with identical retrieval and top-1 >= 99 % ({lab})", "HOLDS" if ok else "FAILS",
                     f"aware: freed {f(freed, '{:.0%}')}, same score {f(aw and aw['same_score'])}, agreement {f(aw and aw['agreement'])}; "
-                    f"agnostic agreement {f(ag and ag['agreement'])}; teacher-forced top-1 {f(top1)} (kept {f(fi and fi['kept_fraction'])})"))
+                    f"agnostic agreement {f(ag and ag['agreement'])}; teacher-forced top-1 {f(top1)} (kept {f(fi and fi['kept_fraction'])})"
+                    + (f", {f(fi['top1_confident'])} where the full cache is sure (p1 - p2 >= 0.1)" if fi and "top1_confident" in fi else "")))
     # gvote: frees >= 50 % with <= 1 point accuracy loss
     for lab in sorted({t["label"] for t in s["tasks"] if t["policy"] == "gvote"}):
         for mode in ("aware", "agnostic"):
@@ -125,10 +126,12 @@ def markdown(s):
              "TF = teacher-forced continuation: the policy runs after the context and again every `interval` (32) "
              "tokens, so **kept (TF)** is cells held / tokens seen averaged over the continuation and **kept (TF end)** "
              "the value after the last token. KL = mean KL(p_full ‖ p_policy) per token, p99/max over tokens, "
-             "top-1 = argmax agreement, Δp = |p_full − p_policy| of the true next token. "
+             "top-1 = argmax agreement; **top-1 (sure)** the same on the positions where the full cache's p1 − p2 ≥ 0.1 "
+             "(the share of such positions is given below the table), **flip p1−p2** the full cache's median margin where "
+             "top-1 differs (small = a flip between near-equal tokens); Δp = |p_full − p_policy| of the true next token. "
              "`streaming ratio=0` evicts nothing: it measures the noise floor of the hook (must be exactly 0).", "",
-             "| policy | kept (aware) | acc | agree | kept (agn.) | acc | agree | kept (TF) | kept (TF end) | KL mean | KL p99 | KL max | top-1 | mean abs Δp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| policy | kept (aware) | acc | agree | kept (agn.) | acc | agree | kept (TF) | kept (TF end) | KL mean | KL p99 | KL max | top-1 | top-1 (sure) | flip p1−p2 | mean abs Δp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tasks = {(t["mode"], t["label"]): t for t in s["tasks"]}
     fid = {x["label"]: x for x in s["fidelity"]}
     labels = []
@@ -138,13 +141,20 @@ def markdown(s):
     for lab in labels:
         aw, ag, fi = tasks.get(("aware", lab)), tasks.get(("agnostic", lab)), fid.get(lab)
         if lab == "none":
-            fi = dict(kept_fraction=1.0, kept_end=1.0, kl_mean=0.0, kl_p99=0.0, kl_max=0.0, top1=1.0, dp_mean=0.0)
+            fi = dict(kept_fraction=1.0, kept_end=1.0, kl_mean=0.0, kl_p99=0.0, kl_max=0.0, top1=1.0, top1_confident=1.0,
+                      dp_mean=0.0)
         row = [f"`{lab}`"]
         for t in (aw, ag):
             row += [f(t and t["kept_fraction"]), f(t and t["accuracy"], "{:.2f}"), f(t and t["agreement"], "{:.2f}")]
         row += [f(fi and fi["kept_fraction"]), f(fi and fi.get("kept_end")), f(fi and fi["kl_mean"], "{:.4f}"), f(fi and fi["kl_p99"], "{:.3f}"),
-                f(fi and fi["kl_max"], "{:.3f}"), f(fi and fi["top1"]), f(fi and fi["dp_mean"], "{:.4f}")]
+                f(fi and fi["kl_max"], "{:.3f}"), f(fi and fi["top1"]), f(fi and fi.get("top1_confident")),
+                f(fi.get("flip_margin_median") if fi and fi["top1"] < 1 else None, "{:.3f}"), f(fi and fi["dp_mean"], "{:.4f}")]
         lines.append("| " + " | ".join(row) + " |")
+    shares = [x["confident_share"] for x in s["fidelity"] if "confident_share" in x]
+    if shares:
+        lines += ["", f"The full cache is sure of its next token (p1 − p2 ≥ 0.1) on {shares[0]:.0%} of the "
+                  "teacher-forced positions; on the others two tokens are within 0.1 of each other and "
+                  "a small change of the logits can swap the argmax."]
     n_inst = {t["mode"]: t["n"] for t in s["tasks"] if t["label"] == "none"}
     inst = m.get("instances", {})
     lines += ["", f"Instances per setting: aware {n_inst.get('aware', 0)}, agnostic {n_inst.get('agnostic', 0)}; "

@@ -321,9 +321,21 @@ def summarize(rows, cfg, meta):
             kl_mean=mean([r["kl_mean"] for r in rs]), kl_median=mean([r["kl_median"] for r in rs]),
             kl_p99=max(r["kl_p99"] for r in rs), kl_max=max(r["kl_max"] for r in rs),
             top1=mean([r["top1"] for r in rs]), dp_mean=mean([r["dp_mean"] for r in rs]),
+            **confident(rs),
             nll_delta=mean([r["nll_policy"] - r["nll_full"] for r in rs]),
             contexts=sorted({r["n_context"] for r in rs})))
     return out
+
+
+def confident(rs):
+    """Top-1 agreement on the positions where the full cache is sure (p1 - p2 >= 0.1), pooled over
+    the runs, and the full cache's median margin where top-1 flips (kvc-eval); {} for older raw files."""
+    if not all("n_confident" in r for r in rs):
+        return {}
+    n = sum(r["n_confident"] for r in rs)
+    return dict(top1_confident=sum(r["top1_confident"] * r["n_confident"] for r in rs) / n if n else 1.0,
+                confident_share=n / sum(r["n_positions"] for r in rs),
+                flip_margin_median=mean([r["flip_margin_median"] for r in rs]))
 
 
 def checks(summary, preset):

@@ -9,7 +9,9 @@ kept counts, KL and top-1. Jobs (1100 tokens: a head of 1024 in two calls, a tai
 passkey in both modes under none, dbudget, gvote, snapkv, adakv, streaming and h2o, a multi-key
 needle (aware) under none, dbudget and dynamickv, and teacher-forced fidelity on 1K tokens of prose
 under dbudget and snapkv. Also checked: the shared run restored a head (n_shared
-> 0) and took less time than the unshared one, and an h2o job (share_prefix false) restored none.
+> 0) and took less time than the unshared one, an h2o job (share_prefix false) restored none, and
+the top-1 split by the full cache's margin is consistent (flips where it is sure are a subset of all
+flips; a flip margin is reported exactly when something flipped).
 """
 import json
 import os
@@ -69,13 +71,23 @@ def run(*extra):
 shared, t_shared = run()
 plain, t_plain = run("--eval-no-share")
 
-KEYS = ("answer", "cells_held_prefill", "cells_held_prompt", "cells_held", "layer_kept", "kl_mean", "kl_max", "top1")
+KEYS = ("answer", "cells_held_prefill", "cells_held_prompt", "cells_held", "layer_kept", "kl_mean", "kl_max", "top1",
+        "top1_confident", "n_confident", "flip_margin_median")
 for j in jobs:
     a, b = shared.get(j["id"], {}), plain.get(j["id"], {})
     diff = [x for x in KEYS if a.get(x) != b.get(x)]
     c.check(a and b and "error" not in a and not diff,
             "%s: shared head == prefilled (%s)" % (j["id"], "differs in " + ", ".join(diff) if diff else
                                                   "held %s, answer %r" % (a.get("cells_held_prompt", a.get("cells_held")), a.get("answer", "")[:16])))
+
+# the split of top-1 by the full cache's margin: flips where it is sure are a subset of all flips
+for j in (j for j in jobs if j["mode"] == "fidelity"):
+    r = shared.get(j["id"], {})
+    n, nc = r.get("n_positions", 0), r.get("n_confident", -1)
+    flips, flips_sure = (1 - r.get("top1", 1)) * n, (1 - r.get("top1_confident", 1)) * nc
+    c.check(0 < nc <= n and flips_sure <= flips + 1e-9 and (r.get("flip_margin_median", 0) > 0) == (flips > 0.5),
+            "%s: top-1 %.3f of %d positions, %.3f of the %d where the full cache is sure, flip margin %.3f"
+            % (j["id"], r.get("top1", -1), n, r.get("top1_confident", -1), nc, r.get("flip_margin_median", -1)))
 
 restored = [j["id"] for j in jobs if j["mode"] != "fidelity" and j["share_prefix"] and shared.get(j["id"], {}).get("n_shared", 0) > 0]
 want = [j["id"] for j in jobs if j["mode"] != "fidelity" and j["share_prefix"]]
