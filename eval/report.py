@@ -177,7 +177,9 @@ def markdown(s):
         lines += ["![kept fraction per layer](layer-kept.png)", ""]
     else:
         lines += ["No per-layer plot: with the default token granularity every layer keeps the same cells "
-                  "(cells are shared across layers in llama.cpp), so the per-layer kept fraction is flat.", ""]
+                  "(cells are shared across layers in llama.cpp), so the per-layer kept fraction is flat. The per-layer "
+                  "and per-head sets (`granularity=layer|head`) are compared in [GRANULARITY.md](GRANULARITY.md), "
+                  "with a per-layer heatmap.", ""]
     lines += benchmarks(Path(ROOT / "results"))
     return "\n".join(lines)
 
