@@ -387,13 +387,21 @@ def layer_plot(s, out, plt):
     return "layer-kept.png"
 
 
-def plots(s, out):
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) where matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("report: matplotlib missing (pip install matplotlib); no plots", file=sys.stderr)
+        return None
+    return plt
+
+
+def plots(s, out):
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
 
@@ -546,17 +554,12 @@ def main():
         rp = p.parent / "raw" / "granularity.jsonl"
         raw = [json.loads(line) for line in rp.read_text().splitlines()] if rp.exists() else None
         md = granularity_md(s, raw)
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            if layer_plot(s, out, plt):
-                md += "\n\n![kept fraction per layer](layer-kept.png)\n\nRows whose layers keep different counts; " \
-                      "a re-packed sequence holds the largest layer's set, which is why per-layer " \
-                      "pyramidkv/dynamickv hold (almost) every cell; with granularity=head a layer's count " \
-                      "is the cells any of its KV heads keeps."
-        except ImportError:
-            pass
+        plt = pyplot()
+        if plt and layer_plot(s, out, plt):
+            md += "\n\n![kept fraction per layer](layer-kept.png)\n\nRows whose layers keep different counts; " \
+                  "a re-packed sequence holds the largest layer's set, which is why per-layer " \
+                  "pyramidkv/dynamickv hold (almost) every cell; with granularity=head a layer's count " \
+                  "is the cells any of its KV heads keeps."
         (out / "GRANULARITY.md").write_text(md + "\n")
         print(f"report: wrote {out / 'GRANULARITY.md'}")
         return
