@@ -17,6 +17,7 @@ Every score is relative to the full cache (policy none) on the same input:
   python3 eval/run.py --preset quick            # CI: ~3 min on 2 cores, exits 1 on a failed check
   python3 eval/run.py --preset full --resume    # README numbers (~75 min on 2 cores); --max-minutes to cut
   python3 eval/run.py --preset reduced --resume # 1K tokens, fewer instances (what fits in ~45 min)
+  python3 eval/run.py --preset long --resume    # 8K prompts, defaults + main fixed points (~45 min)
   python3 eval/run.py --preset granularity      # per-layer/per-head sets vs token (issue 6, ~25 min)
 """
 import argparse
@@ -82,6 +83,10 @@ GRANULARITY = pick(["none", "dbudget", "dbudget granularity=layer", "gvote quoru
                     for r in (0.25, 0.5) for g in ("token", "layer")] +
                    [f"adakv ratio={r} granularity=head" for r in (0.25, 0.5)])
 
+LONG = pick(["none", "streaming ratio=0.9", "snapkv ratio=0.25", "snapkv ratio=0.5",
+             "dynamickv ratio=0.5", "adakv ratio=0.5"] + DEFAULT_BF +
+            ["dbudget threshold=0.02", "dbudget threshold=0.05", "gvote quorum=0.5"])
+
 PRESETS = {
     "quick": dict(
         lengths=[1024], depths=[0.25, 0.5], seeds=[1], tasks=["passkey", "needle-single"],
@@ -107,6 +112,14 @@ PRESETS = {
         lengths=[1024], depths=[0.25, 0.75], seeds=[1], tasks=["passkey", "needle-multikey"],
         modes=["aware"], settings=GRANULARITY, agnostic_settings=None,
         fidelity=dict(contexts=[1024], cont=128, seeds=[1], settings=GRANULARITY),
+    ),
+    # 8K prompts (SmolLM2's trained context), apart from "full" so that its averages stay comparable
+    # to earlier runs: 18 instances x 2 modes, the defaults and the main fixed points (~45 min)
+    "long": dict(
+        lengths=[8192], depths=[0.1, 0.5, 0.9], seeds=[1],
+        tasks=list(tasks.GENERATORS), modes=["aware", "agnostic"],
+        settings=LONG, agnostic_settings=None,
+        fidelity=dict(contexts=[8192], cont=256, seeds=[1], settings=pick([CONTROL]) + LONG),
     ),
     # the README numbers: 54 instances (6 tasks x 1K/2K/4K x depth 0.1/0.5/0.9) in both modes under every
     # setting of the reduced grid, and fidelity on 1K/2K/4K tokens of prose (~80 min with 2 workers)
