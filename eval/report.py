@@ -5,8 +5,10 @@
 
 Writes RESULTS.md (table for the README, project targets, checks) and PNG plots:
 accuracy-vs-kept.png, kl-vs-kept.png and, when some policy keeps different counts per layer,
-layer-kept.png; with results/summary-long.json present (--preset long, 8K prompts) a short
-"8K prompts" section; --summary results/summary-long.json writes LONG.md; with results/bench-*.json present (make bench) a "Benchmarks" section and overhead.png.
+layer-kept.png; with results/summary-long.json present (--preset long, 8K prompts) an "8K prompts"
+paragraph; with results/bench-*.json present (make bench) a "Benchmarks" section and overhead.png.
+`--summary results/summary-long.json` writes LONG.md, `--summary results/summary-granularity.json`
+GRANULARITY.md.
 Needs matplotlib for the plots (`pip install matplotlib`); without it only the
 markdown is written.
 """
@@ -16,6 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "eval"))
+from run import DEFAULT_BF  # noqa: E402
 
 FIXED_STYLE = {"streaming": "tab:gray", "h2o": "tab:brown", "snapkv": "tab:blue", "tova": "tab:olive",
                "knorm": "tab:pink", "pyramidkv": "tab:cyan", "dynamickv": "tab:purple", "adakv": "tab:orange"}
@@ -220,7 +224,7 @@ def right_answers(s):
 
 
 def long_summary(res):
-    """Two lines on results/summary-long.json (eval/run.py --preset long) for RESULTS.md."""
+    """A paragraph on results/summary-long.json (eval/run.py --preset long) for RESULTS.md."""
     s = load_json(res / "summary-long.json")
     if not s:
         return []
@@ -244,10 +248,8 @@ def long_summary(res):
             "[LONG.md](LONG.md)."]
 
 
-DEFAULT_BF = ["dbudget", "gvote"]
-
-BREAKDOWN = ["none", "dbudget", "dbudget threshold=0.02", "dbudget threshold=0.05", "gvote", "gvote quorum=0.5", "gvote quorum=0.75", "snapkv ratio=0.5",
-             "adakv ratio=0.5", "dynamickv ratio=0.5", "pyramidkv ratio=0.5", "h2o ratio=0.5", "streaming ratio=0.5"]
+BREAKDOWN = ["none", "dbudget", "dbudget threshold=0.02", "dbudget threshold=0.05", "gvote", "gvote quorum=0.5",
+             "gvote quorum=0.75", "snapkv ratio=0.5", "adakv ratio=0.5", "dynamickv ratio=0.5", "pyramidkv ratio=0.5", "h2o ratio=0.5", "streaming ratio=0.5"]
 
 
 def breakdown(s):

@@ -17,7 +17,7 @@ Every score is relative to the full cache (policy none) on the same input:
   python3 eval/run.py --preset quick            # CI: ~3 min on 2 cores, exits 1 on a failed check
   python3 eval/run.py --preset full --resume    # README numbers (~75 min on 2 cores); --max-minutes to cut
   python3 eval/run.py --preset reduced --resume # 1K tokens, fewer instances (what fits in ~45 min)
-  python3 eval/run.py --preset long --resume    # 8K prompts, defaults + main fixed points (~45 min)
+  python3 eval/run.py --preset long --resume    # 8K prompts, defaults + main fixed points (~75 min)
   python3 eval/run.py --preset granularity      # per-layer/per-head sets vs token (issue 6, ~25 min)
 """
 import argparse
@@ -114,7 +114,7 @@ PRESETS = {
         fidelity=dict(contexts=[1024], cont=128, seeds=[1], settings=GRANULARITY),
     ),
     # 8K prompts (SmolLM2's trained context), apart from "full" so that its averages stay comparable
-    # to earlier runs: 18 instances x 2 modes, the defaults and the main fixed points (~45 min)
+    # to earlier runs: 18 instances x 2 modes, the defaults and the main fixed points (~75 min)
     "long": dict(
         lengths=[8192], depths=[0.1, 0.5, 0.9], seeds=[1],
         tasks=list(tasks.GENERATORS), modes=["aware", "agnostic"],

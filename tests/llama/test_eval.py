@@ -11,10 +11,12 @@ needle (aware) under none, dbudget and dynamickv, and teacher-forced fidelity on
 under dbudget and snapkv. Also checked: the shared run restored a head (n_shared
 > 0) and took less time than the unshared one, an h2o job (share_prefix false) restored none, and
 the top-1 split by the full cache's margin is consistent (flips where it is sure are a subset of all
-flips; a flip margin is reported exactly when something flipped).
+flips; a flip margin is reported exactly when something flipped). Then eval/report.py runs on the
+committed summaries.
 """
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -95,5 +97,30 @@ c.check(restored == want, "every shareable job restored a head: %d of %d" % (len
 h2o = [shared.get(j["id"], {}).get("n_shared") for j in jobs if j["policy"] == "h2o"]
 c.check(h2o and all(n == 0 for n in h2o), "h2o jobs prefill their own head: n_shared %s" % h2o)
 c.check(t_shared < t_plain, "shared heads take less time: %.0f s vs %.0f s" % (t_shared, t_plain))
+
+# eval/report.py on the committed summaries (README numbers): it writes RESULTS.md with the 8K
+# paragraph and LONG.md, and its "same answer where the full cache is right" counts are consistent
+import report  # noqa: E402
+
+rep_dir = os.path.join(k.TMP, "report")
+for name in ("summary.json", "summary-long.json"):
+    p = subprocess.run([sys.executable, os.path.join(k.ROOT, "eval", "report.py"), "--summary",
+                        os.path.join(k.ROOT, "results", name), "--out", rep_dir], capture_output=True, text=True)
+    c.check(p.returncode == 0, "report.py --summary results/%s: rc %d" % (name, p.returncode))
+md = {n: open(os.path.join(rep_dir, n)).read() if os.path.exists(os.path.join(rep_dir, n)) else ""
+      for n in ("RESULTS.md", "LONG.md")}
+c.check("## 8K prompts" in md["RESULTS.md"] and "## Project targets" in md["LONG.md"]
+        and "Where the full cache answers correctly" in md["LONG.md"],
+        "RESULTS.md has the 8K paragraph, LONG.md the targets and the where-right table")
+for name in ("summary.json", "summary-long.json"):
+    sm = json.load(open(os.path.join(k.ROOT, "results", name)))
+    full = {t["mode"]: t for t in sm["tasks"] if t["label"] == "none"}
+    bad = []
+    for t in sm["tasks"]:
+        same, n = report.right_counts(sm, t["mode"], t["label"])
+        n_right = sum(p["correct"] for p in full[t["mode"]]["instances"])
+        if n != n_right or same > n or (t["label"] == "none" and same != n):
+            bad.append("%s/%s %d/%d (full right %d)" % (t["mode"], t["label"], same, n, n_right))
+    c.check(not bad, "%s: same-answer-where-right counts consistent %s" % (name, bad))
 
 sys.exit(c.done())
