@@ -162,6 +162,14 @@ impl Evictor {
                 "q_pos must be strictly ascending (index {i})"
             )));
         }
+        // like the cells' positions: a negative one is no llama_pos (and would underflow the
+        // rewind bound)
+        if q_pos.first().is_some_and(|&p| p < 0) {
+            return Err(shape_err(format!(
+                "q_pos must be >= 0 (q_pos[0]={})",
+                q_pos[0]
+            )));
+        }
         if let Some(bad) = q.iter().position(|v| !v.is_finite()) {
             let layer = bad / (n_q * row).max(1);
             let r = (bad % (n_q * row).max(1)) / row;

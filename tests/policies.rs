@@ -914,6 +914,14 @@ fn shape_and_position_errors() {
         ev(s, "snapkv", &[]).push_queries(SEQ, &[9], &[0.0; 3]),
         Err(Error::InvalidShape(_))
     ));
+    // negative query positions (the fuzzer's i32::MIN underflowed the rewind bound)
+    for bad in [-1, i32::MIN] {
+        let q = queries(&s, &[bad], |_, _, _| [1.0, 0.0]);
+        match ev(s, "snapkv", &[]).push_queries(SEQ, &[bad], &q) {
+            Err(Error::InvalidShape(m)) => assert!(m.contains("q_pos must be >= 0"), "{m}"),
+            r => panic!("q_pos [{bad}]: {r:?}"),
+        }
+    }
     // attention policies need K
     let pos = range(4);
     let c = cells(&pos);
