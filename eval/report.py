@@ -249,7 +249,8 @@ def long_summary(res):
 
 
 BREAKDOWN = ["none", "dbudget", "dbudget threshold=0.02", "dbudget threshold=0.05", "gvote", "gvote quorum=0.5",
-             "gvote quorum=0.75", "snapkv ratio=0.5", "adakv ratio=0.5", "dynamickv ratio=0.5", "pyramidkv ratio=0.5", "h2o ratio=0.5", "streaming ratio=0.5"]
+             "gvote quorum=0.75", "snapkv ratio=0.5", "adakv ratio=0.5", "dynamickv ratio=0.5",
+             "pyramidkv ratio=0.5", "h2o ratio=0.5", "streaming ratio=0.5"]
 
 
 def breakdown(s):
