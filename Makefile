@@ -19,6 +19,10 @@
 #   make fuzz-quick libFuzzer over the whole C API: replay fuzz/regressions, then ~100 s of
 #                   fuzzing from the committed seeds (part of `make test`); make fuzz: a long
 #                   run (FUZZ_SECONDS, default 1800) with a corpus kept in ~/.cache/kvcompress
+#   make install    header, static and shared library (soname libkvcompress.so.<ABI>) and
+#                   kvcompress.pc into PREFIX (/usr/local; DESTDIR honoured); install-check: install
+#                   into a temporary prefix, build tests/c/abi_test.c through pkg-config (shared and
+#                   static) and run it (part of `make test`)
 #   make clean      remove target/ and build/ (downloads stay in ~/.cache/kvcompress)
 
 SHELL := bash
@@ -33,11 +37,18 @@ LIB_A      := $(TARGET_DIR)/release/libkvcompress.a
 C_OUT      := $(TARGET_DIR)/c
 C_FLAGS    := -std=c11 -Wall -Wextra -Werror -pedantic -g -O1
 C_LIBS     := -lpthread -ldl -lm
+# make install: the usual GNU layout; the soname's number is the C ABI version (build.rs)
+PREFIX     ?= /usr/local
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+ABI        := $(shell sed -n 's/^\#define KVC_ABI_VERSION \([0-9]*\)$$/\1/p' include/kvcompress.h)
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
 # the shared library scripts/llama.sh links llama.cpp against (follows CARGO_TARGET_DIR)
 export KVC_LIB ?= $(abspath $(TARGET_DIR))/release/libkvcompress.so
 
 .PHONY: all build header header-check test fmt-check clippy cargo-test valgrind test-llama \
-        fuzz fuzz-quick bench bench-prefill bench-parallel eval eval-quick cuda-check llama demo deps clean help
+        fuzz fuzz-quick bench bench-prefill bench-parallel eval eval-quick cuda-check llama demo deps clean help \
+        install install-check
 
 all: build header-check
 
@@ -56,7 +67,7 @@ header:
 header-check:
 	$(CARGO) test --release --quiet --test header
 
-test: fmt-check clippy cargo-test build valgrind fuzz-quick test-llama eval-quick cuda-check
+test: fmt-check clippy cargo-test build valgrind install-check fuzz-quick test-llama eval-quick cuda-check
 	@echo "make test: all passed"
 
 fmt-check:
@@ -80,6 +91,36 @@ valgrind: build
 	valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=definite \
 	  --errors-for-leak-kinds=definite \
 	  --track-origins=yes $(C_OUT)/abi_test-vg
+
+install: build
+	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -m 644 include/kvcompress.h $(DESTDIR)$(INCLUDEDIR)/
+	install -m 644 $(LIB_A) $(DESTDIR)$(LIBDIR)/
+	install -m 755 $(TARGET_DIR)/release/libkvcompress.so $(DESTDIR)$(LIBDIR)/libkvcompress.so.$(ABI)
+	ln -sf libkvcompress.so.$(ABI) $(DESTDIR)$(LIBDIR)/libkvcompress.so
+	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$(LIBDIR)' 'includedir=$(INCLUDEDIR)' '' \
+	  'Name: kvcompress' 'Description: Adaptive KV-cache eviction for LLM inference engines (C ABI $(ABI))' \
+	  'Version: $(VERSION)' 'Libs: -L$${libdir} -lkvcompress' 'Libs.private: $(C_LIBS)' \
+	  'Cflags: -I$${includedir}' > $(DESTDIR)$(LIBDIR)/pkgconfig/kvcompress.pc
+	@echo "installed kvcompress $(VERSION) (ABI $(ABI)) into $(DESTDIR)$(PREFIX)"
+
+# what a C program does with an installed copy: pkg-config, link (shared, then static), run
+install-check: build
+	@d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
+	$(MAKE) --no-print-directory install PREFIX="$$d/usr" >/dev/null; \
+	so=$$(readelf -d "$$d/usr/lib/libkvcompress.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p'); \
+	[ "$$so" = "libkvcompress.so.$(ABI)" ] || { echo "install-check: soname '$$so', expected libkvcompress.so.$(ABI)" >&2; exit 1; }; \
+	export PKG_CONFIG_PATH="$$d/usr/lib/pkgconfig"; \
+	libdir=$$(pkg-config --variable=libdir kvcompress); \
+	$(CC) $(C_FLAGS) tests/c/abi_test.c $$(pkg-config --cflags --libs kvcompress) -Wl,-rpath,"$$libdir" -o "$$d/abi_shared"; \
+	ldd "$$d/abi_shared" | grep -q "libkvcompress.so.$(ABI) => $$libdir/libkvcompress.so.$(ABI)" \
+	  || { echo "install-check: abi_shared does not load the installed libkvcompress.so.$(ABI):" >&2; ldd "$$d/abi_shared" >&2; exit 1; }; \
+	"$$d/abi_shared" > "$$d/shared.log" || { cat "$$d/shared.log" >&2; exit 1; }; \
+	$(CC) $(C_FLAGS) tests/c/abi_test.c $$(pkg-config --cflags kvcompress) "$$libdir/libkvcompress.a" \
+	  $$(pkg-config --static --libs-only-other --libs-only-l kvcompress | sed 's/-lkvcompress//') -o "$$d/abi_static"; \
+	! ldd "$$d/abi_static" | grep -q libkvcompress || { echo "install-check: abi_static loads libkvcompress" >&2; exit 1; }; \
+	"$$d/abi_static" > "$$d/static.log" || { cat "$$d/static.log" >&2; exit 1; }; \
+	echo "install-check: kvcompress.pc, soname $$so, tests/c/abi_test.c linked shared and static: passed"
 
 # libFuzzer over the C API (fuzz/, scripts/fuzz.sh): stable toolchain, AddressSanitizer,
 # libFuzzer from the pinned libfuzzer-sys crate; the build is cached in ~/.cache/kvcompress/fuzz.
@@ -152,7 +193,7 @@ demo:
 deps:
 	@need=""; \
 	for t in ccache:ccache valgrind:valgrind cc:build-essential c++:build-essential \
-	         git:git curl:curl; do \
+	         git:git curl:curl pkg-config:pkgconf readelf:binutils; do \
 	  command -v "$${t%%:*}" >/dev/null 2>&1 || need="$$need $${t#*:}"; \
 	done; \
 	need="$$(echo $$need | tr ' ' '\n' | sort -u | tr '\n' ' ')"; \

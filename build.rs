@@ -22,8 +22,26 @@ fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
     println!("cargo:include={}", dir.display());
     println!("cargo:rerun-if-changed=build.rs");
+    soname();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         cuda();
+    }
+}
+
+/// The shared library's soname carries the ABI version (`libkvcompress.so.<KVC_ABI_VERSION>`), so a
+/// program linked against one ABI never loads a library of another; `make install` names the file
+/// after it and checks it with readelf.
+fn soname() {
+    let ffi = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ffi/mod.rs");
+    println!("cargo:rerun-if-changed={}", ffi.display());
+    let text = std::fs::read_to_string(&ffi).expect("build.rs: cannot read src/ffi/mod.rs");
+    let abi: u32 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("pub const KVC_ABI_VERSION: u32 = "))
+        .and_then(|v| v.trim_end_matches(';').trim().parse().ok())
+        .expect("build.rs: no `pub const KVC_ABI_VERSION: u32 = N;` in src/ffi/mod.rs");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libkvcompress.so.{abi}");
     }
 }
 
