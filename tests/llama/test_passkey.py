@@ -4,9 +4,9 @@
 1. reference: the full cache (-c 4096).
 2. prompt-end eviction (-c 4096, the policy runs once the question is in): dbudget, gvote and
    snapkv (tokens=384) answer like the full cache.
-3. bounded cache (-c 1024, -b 256: the prompt only fits because the policy evicts after every
-   chunk): dbudget, gvote and snapkv answer like the full cache; streaming at the same -c must NOT
-   (expected failure: it proves the test can fail).
+3. bounded cache (-c 1024 at the default -b/-ub: the prompt only fits because the policy makes room
+   ubatch by ubatch inside the decode call, patch 0006): dbudget, gvote and snapkv answer like the
+   full cache; streaming at the same -c must NOT (expected failure: it proves the test can fail).
 KVC_PASSKEY_CTX overrides the bounded -c.
 """
 import os
@@ -19,7 +19,7 @@ c = k.Checks("test_passkey")
 KEY = 48213
 prompt = k.write_prompt("passkey.txt", k.passkey_prompt(KEY, 95, 47))
 ctx = os.environ.get("KVC_PASSKEY_CTX", "1024")
-common = ["-n", "6", "-b", "256"]
+common = ["-n", "6"]
 
 full = k.kvc_run(prompt, "-c", "4096", *common)
 ref = full["answer"]
