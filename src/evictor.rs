@@ -1,18 +1,15 @@
 //! The evictor: one model shape, one policy, the state of every sequence, and the pipeline run
 //! that turns what the engine observed into an eviction plan.
 
-use crate::backend::{Backend, Parallelism};
+use crate::backend::{self, Backend, Parallelism, UnitsIn};
 use crate::budget::DecideCtx;
 use crate::error::{shape_err, Error, Result};
 use crate::policy::{Granularity, Policy};
-use crate::score::{QuerySel, ScoreGrid, UnitCtx};
+use crate::score::{QuerySel, ScoreGrid};
 use crate::select;
 use crate::state::{Carry, LastPlan, QueryRow, SeqState};
 use crate::view::{Keys, Shape};
 use std::collections::HashMap;
-
-/// Scores and rule evidence of one unit.
-type UnitOut = (Vec<f32>, Option<Vec<f32>>);
 
 /// The cells one sequence holds right now.
 #[derive(Debug, Clone, Copy)]
@@ -97,14 +94,7 @@ pub struct Evictor {
 impl Evictor {
     /// A new evictor. CUDA is refused unless the `cuda` feature can open a device.
     pub fn new(shape: Shape, policy: Policy, par: Parallelism, backend: Backend) -> Result<Self> {
-        if backend == Backend::Cuda {
-            #[cfg(feature = "cuda")]
-            crate::backend::cuda::probe()?;
-            #[cfg(not(feature = "cuda"))]
-            return Err(Error::CudaUnavailable(
-                "libkvcompress was built without the `cuda` feature".into(),
-            ));
-        }
+        backend::probe(backend)?;
         Ok(Evictor {
             shape,
             policy,
@@ -314,61 +304,25 @@ impl Evictor {
         } else {
             None
         };
-        let n_units = shape.n_layer * shape.n_head_kv;
         let rule = self.policy.rule.as_ref();
-        // K in device memory: scored by the CUDA backend (Evictor::new refused Cuda otherwise)
-        #[cfg(feature = "cuda")]
-        let device = match keys {
-            Some(k) if self.backend == Backend::Cuda => Some(crate::backend::cuda::score_units(
-                &crate::backend::cuda::UnitsIn {
-                    policy: &self.policy,
-                    shape: &shape,
-                    keys: k,
-                    pos: s.pos,
-                    queries: &queries,
-                    carry: carry.as_deref(),
-                    protected: &prot,
-                    par: &self.par,
-                },
-            )?),
-            _ => None,
-        };
-        #[cfg(not(feature = "cuda"))]
-        let device: Option<Vec<UnitOut>> = if self.backend == Backend::Cuda && keys.is_some() {
-            return Err(Error::CudaUnavailable(
-                "libkvcompress was built without the `cuda` feature".into(),
-            ));
-        } else {
-            None
-        };
-        let results: Vec<Result<UnitOut>> = match device {
-            Some(d) => d.into_iter().map(Ok).collect(),
-            None => self.par.map(n_units, |u| {
-                let (layer, kv_head) = (u / shape.n_head_kv, u % shape.n_head_kv);
-                let mut buf = Vec::new();
-                if let Some(k) = keys {
-                    k.gather_head_t(&shape, layer, kv_head, &mut buf)?;
-                }
-                let ctx = UnitCtx {
-                    shape: &shape,
-                    layer,
-                    kv_head,
-                    keys: &buf,
-                    pos: s.pos,
-                    queries: &queries,
-                    carry: carry.as_ref().map(|c| c[u].as_slice()),
-                    protected: &prot,
-                };
-                Ok((scorer.score_unit(&ctx), rule.unit_evidence(&ctx)))
-            }),
-        };
-        let mut units = Vec::with_capacity(n_units);
-        let mut evidence = Vec::with_capacity(n_units);
-        for r in results {
-            let (sc, ev) = r?;
-            units.push(sc);
-            evidence.push(ev.unwrap_or_default());
-        }
+        let out = backend::score_units(
+            self.backend,
+            &UnitsIn {
+                scorer,
+                rule,
+                shape: &shape,
+                keys,
+                pos: s.pos,
+                queries: &queries,
+                carry: carry.as_deref(),
+                protected: &prot,
+                par: &self.par,
+            },
+        )?;
+        let (units, evidence): (Vec<Vec<f32>>, Vec<Vec<f32>>) = out
+            .into_iter()
+            .map(|(sc, ev)| (sc, ev.unwrap_or_default()))
+            .unzip();
         let grid = ScoreGrid {
             n_layer: shape.n_layer,
             n_head_kv: shape.n_head_kv,

@@ -3,7 +3,9 @@
 
 use crate::budget::{Ada, Allocator, BudgetRule, DBudget, Dynamic, Fixed, Pyramid, Uniform, Vote};
 use crate::error::{Error, Result};
-use crate::score::{Accumulated, GVote, GqaReduce, KeyNorm, Position, Scorer, WindowAttention};
+use crate::score::{
+    Accumulated, GVote, GqaReduce, KeyNorm, Position, PositionWithQueries, Scorer, WindowAttention,
+};
 use std::collections::BTreeMap;
 
 /// Every policy name `--kv-policy` accepts.
@@ -502,22 +504,6 @@ fn odd_kernel(v: &Values) -> Result<usize> {
     Ok(k)
 }
 
-/// The position ranking of ReFreeKV v3/v4 (oldest first) that still asks for the newest queries,
-/// because the stopping rule measures their attention.
-#[derive(Debug, Clone)]
-struct PositionWithQueries {
-    window: usize,
-}
-
-impl Scorer for PositionWithQueries {
-    fn queries(&self) -> crate::score::QuerySel {
-        crate::score::QuerySel::Last(self.window)
-    }
-    fn score_unit(&self, u: &crate::score::UnitCtx) -> Vec<f32> {
-        u.pos.iter().map(|&p| p as f32).collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,6 +570,37 @@ mod tests {
         assert!(Policy::parse("snapkv", &["ratio=0.5", "tokens=10"]).is_err());
         assert!(Policy::parse("snapkv", &["noequals"]).is_err());
         assert!(Policy::parse("none", &["ratio=0.5"]).is_err());
+    }
+
+    /// The device recipe comes from the stage itself: dbudget's window ranker pools on CUDA as
+    /// on the CPU (the hand-kept CUDA copy of the recipes scored it unpooled).
+    #[test]
+    fn device_recipe_is_the_stage_s() {
+        use crate::score::DeviceScore;
+        let p = Policy::parse("dbudget", &[]).unwrap();
+        assert_eq!(
+            p.scorer.as_ref().unwrap().device(),
+            DeviceScore::Window {
+                kernel: 7,
+                max_pool: true,
+                gqa: GqaReduce::Mean
+            }
+        );
+        assert!(p.rule.needs_newest_attention());
+        let p = Policy::parse("dbudget", &["ranker=position"]).unwrap();
+        assert_eq!(p.scorer.as_ref().unwrap().device(), DeviceScore::Position);
+        let p = Policy::parse("snapkv", &["pool=5", "pooling=avg", "gqa=max"]).unwrap();
+        assert_eq!(
+            p.scorer.as_ref().unwrap().device(),
+            DeviceScore::Window {
+                kernel: 5,
+                max_pool: false,
+                gqa: GqaReduce::Max
+            }
+        );
+        assert!(!p.rule.needs_newest_attention());
+        let p = Policy::parse("gvote", &[]).unwrap();
+        assert_eq!(p.scorer.as_ref().unwrap().device(), DeviceScore::Host);
     }
 
     #[test]

@@ -214,9 +214,10 @@ fn both(
     }
     let dk = cache.device_keys(gpu);
     let dev = cuda::score_units(&UnitsIn {
-        policy: &policy,
+        scorer,
+        rule: policy.rule.as_ref(),
         shape: &shape,
-        keys: &dk,
+        keys: Some(&dk),
         pos: &case.pos,
         queries: &queries,
         carry,
@@ -384,9 +385,10 @@ fn non_finite_keys_are_refused() {
     let prot = vec![false; n];
     let dk = cache.device_keys(&gpu);
     let err = cuda::score_units(&UnitsIn {
-        policy: &policy,
+        scorer: policy.scorer.as_deref().unwrap(),
+        rule: policy.rule.as_ref(),
         shape: &shape,
-        keys: &dk,
+        keys: Some(&dk),
         pos: &case.pos,
         queries: &queries,
         carry: None,
@@ -415,9 +417,10 @@ fn host_keys_are_refused() {
     let hk = cache.host_keys();
     let prot = vec![false; n];
     let err = cuda::score_units(&UnitsIn {
-        policy: &policy,
+        scorer: policy.scorer.as_deref().unwrap(),
+        rule: policy.rule.as_ref(),
         shape: &shape,
-        keys: &hk,
+        keys: Some(&hk),
         pos: &case.pos,
         queries: &[],
         carry: None,

@@ -40,6 +40,10 @@ impl BudgetRule for DBudget {
         Some(out)
     }
 
+    fn needs_newest_attention(&self) -> bool {
+        true
+    }
+
     fn decide(&self, c: &DecideCtx) -> Decision {
         let n = c.pos.len();
         let ranking =

@@ -9,7 +9,7 @@
 //! all held keys (a future query sees every cached key).
 
 use super::{QuerySel, Scorer, UnitCtx};
-use crate::backend::cpu;
+use crate::kernels;
 
 /// The GVote scorer: per cell, the fraction of (query head, sample) nuclei that contain it.
 #[derive(Debug, Clone)]
@@ -78,7 +78,7 @@ impl Scorer for GVote {
         let mut cast = |q: &[f32], votes: &mut [u32]| {
             marks.iter_mut().for_each(|m| *m = false);
             if u.attend(q, i32::MAX, &mut probs) {
-                cpu::mark_nucleus(&probs, self.p, &mut marks, &mut scratch);
+                kernels::mark_nucleus(&probs, self.p, &mut marks, &mut scratch);
                 votes
                     .iter_mut()
                     .zip(&marks)
@@ -119,7 +119,7 @@ impl Scorer for GVote {
             .iter()
             .map(|&v| v as f32 / ballots.max(1) as f32)
             .collect();
-        cpu::pool1d(&shares, self.kernel, true)
+        kernels::pool1d(&shares, self.kernel, true)
     }
 }
 
