@@ -14,16 +14,7 @@ use crate::score::{
 };
 use std::collections::BTreeMap;
 
-/// Where the keep sets apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    /// the same cells in every layer and head; cells are freed
-    Token,
-    /// a keep set per layer; cells no layer keeps are freed
-    Layer,
-    /// a keep set per (layer, KV head); cells no head keeps are freed
-    Head,
-}
+pub use crate::select::Granularity;
 
 /// How a preset's total budget is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
