@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fidelity and retrieval evaluation of the KV policies (EVALUATION.md, ALGORITHMS.md §6).
+"""Fidelity and retrieval evaluation of the KV policies against the full cache (policy none).
 
 Runs build/llama/bin/kvc-eval (one model load per group of jobs; --workers processes, -t 1 each)
 over task instances from eval/tasks.py in question-aware and question-agnostic mode, plus
