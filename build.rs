@@ -8,7 +8,7 @@
 //! `KVC_CUDA_REQUIRE=1` turns a missing nvcc or a failed compile into a build error (used by
 //! `scripts/cuda-check.sh`). Extra flags come from `KVC_NVCC_FLAGS` (split on whitespace).
 //!
-//! Version choice (DESIGN.md §7): the PTX ISA a driver accepts is capped by its CUDA version, so
+//! Version choice: the PTX ISA a driver accepts is capped by its CUDA version, so
 //! `scripts/cuda-check.sh` pins nvcc 13.0 (PTX ISA 9.0, accepted by driver 580 = CUDA 13.0 and
 //! newer); the cubins do not depend on the driver's PTX ISA at all and are preferred at load time.
 

@@ -1,6 +1,6 @@
 // Score post-processing on the device: GQA reduction of per-query-head sums and 1-D pooling
 // along the cells, with the CPU path's operation order (src/score/mod.rs GqaReduce::fold,
-// src/backend/cpu.rs pool1d).
+// src/kernels.rs pool1d).
 
 // Grid: (ceil(n / blockDim.x), n_head_kv, 1); Block: (256, 1, 1); one thread per (cell, KV head).
 // out[g * n + j] = fold over hl < group of recv[(g * group + hl) * n + j] / rows, where fold is

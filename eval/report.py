@@ -19,11 +19,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "eval"))
-from run import DEFAULT_BF  # noqa: E402
+from run import ADAPTIVE, DEFAULT_BF, FIXED  # noqa: E402  (the policy table, eval/policies.json)
 
 FIXED_STYLE = {"streaming": "tab:gray", "h2o": "tab:brown", "snapkv": "tab:blue", "tova": "tab:olive",
                "knorm": "tab:pink", "pyramidkv": "tab:cyan", "dynamickv": "tab:purple", "adakv": "tab:orange"}
 BF_STYLE = {"dbudget": ("tab:green", "D"), "gvote": ("tab:red", "^")}
+# a policy added to the table plots without a hand-picked style
+FIXED_STYLE.update({p: "black" for p in FIXED if p not in FIXED_STYLE})
+BF_STYLE.update({p: ("black", "s") for p in ADAPTIVE if p not in BF_STYLE})
 
 
 def f(x, fmt="{:.3f}"):
@@ -98,7 +101,7 @@ def targets(s):
         fixed_kl = [(x["kept_fraction"], x["kl_mean"]) for x in s["fidelity"]
                     if not x["budget_free"] and x["label"] != "streaming ratio=0"]
         for t in s["tasks"]:
-            if t["mode"] != mode or t["policy"] not in ("dbudget", "gvote"):
+            if t["mode"] != mode or t["policy"] not in ADAPTIVE:
                 continue
             best = frontier_best(fixed, t["kept_fraction"], "max")
             fx = fid.get(t["label"])

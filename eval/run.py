@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fidelity and retrieval evaluation of the KV policies (EVALUATION.md, ALGORITHMS.md §6).
+"""Fidelity and retrieval evaluation of the KV policies against the full cache (policy none).
 
 Runs build/llama/bin/kvc-eval (one model load per group of jobs; --workers processes, -t 1 each)
 over task instances from eval/tasks.py in question-aware and question-agnostic mode, plus
@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "eval"))
 import tasks  # noqa: E402
 
-FIXED = ["streaming", "h2o", "snapkv", "tova", "knorm", "pyramidkv", "dynamickv", "adakv"]
+# the policy table (src/policy.rs PRESETS), written by `cargo run --release --example gen_policies`
+POLICIES = json.loads((ROOT / "eval" / "policies.json").read_text())
+FIXED = [p["name"] for p in POLICIES if p["budget"] == "fixed"]         # user-set ratio/tokens
+ADAPTIVE = [p["name"] for p in POLICIES if p["budget"] == "adaptive"]   # the budget emerges
+BUDGET_FREE = {p["name"] for p in POLICIES if p["budget"] != "fixed"}   # adaptive, and none
 RATIOS = [0.25, 0.5, 0.75, 0.9]
 DBUDGET_T = [0.005, 0.01, 0.02, 0.05]
 GVOTE_Q = [0.25, 0.5, 0.75]
@@ -47,7 +51,7 @@ def setting(policy, **params):
     ps = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()]
     label = " ".join([policy] + ps)
     return {"label": label, "policy": policy, "params": ps,
-            "budget_free": policy in ("dbudget", "gvote", "none")}
+            "budget_free": policy in BUDGET_FREE}
 
 
 def all_settings(core_only=False):
@@ -70,11 +74,11 @@ def pick(labels):
             out.append(by[lab])
         else:
             pol, *ps = lab.split()
-            out.append({"label": lab, "policy": pol, "params": ps, "budget_free": pol in ("dbudget", "gvote", "none")})
+            out.append({"label": lab, "policy": pol, "params": ps, "budget_free": pol in BUDGET_FREE})
     return out
 
 
-DEFAULT_BF = ["dbudget", "gvote"]  # default settings of the budget-free policies
+DEFAULT_BF = ADAPTIVE  # default settings of the budget-free policies
 CONTROL = "streaming ratio=0"       # evicts nothing: the hook alone must not change a logit
 
 GRANULARITY = pick(["none", "dbudget", "dbudget granularity=layer", "gvote quorum=0.75",
@@ -301,7 +305,7 @@ def summarize(rows, cfg, meta):
         s0 = rs[0]
         out["tasks"].append(dict(
             mode=mode, label=label, policy=s0["policy"], params=s0["params"],
-            budget_free=s0["policy"] in ("dbudget", "gvote", "none"), n=len(per),
+            budget_free=s0["policy"] in BUDGET_FREE, n=len(per),
             accuracy=mean([p["correct"] for p in per]), agreement=mean([p["agree"] for p in per]),
             exact_agreement=mean([p["exact"] for p in per]),
             same_score=mean([p["same_score"] for p in per]),
@@ -323,7 +327,7 @@ def summarize(rows, cfg, meta):
         rs = fgroups[label]
         out["fidelity"].append(dict(
             label=label, policy=rs[0]["policy"], params=rs[0]["params"],
-            budget_free=rs[0]["policy"] in ("dbudget", "gvote"), n_runs=len(rs),
+            budget_free=rs[0]["policy"] in ADAPTIVE, n_runs=len(rs),
             n_positions=sum(r["n_positions"] for r in rs),
             # the policy runs again every `interval` tokens of the continuation: kept_fraction is
             # the mean over the positions (kvc-eval kept_mean), kept_prefill right after the context

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Deterministic retrieval tasks for fidelity tests (ALGORITHMS.md §6.3, EVALUATION.md §1).
+"""Deterministic retrieval tasks for fidelity tests: passkey, needle (single, multi-key,
+multi-value, multi-query) and variable tracking, generated from a seed.
 
 Each task is one JSON object per line: {"task", "id", "seed", "depth", "target_tokens",
 "context", "question", "answer"}. The prompt given to the model is context + question; in

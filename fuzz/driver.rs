@@ -223,7 +223,11 @@ impl MsgBuf {
 }
 
 /// Strings for `kv` overrides and policy names: valid, garbage, non-UTF-8, NULL.
-const KEYS: &[&str] = &[
+///
+/// KEYS and VALID keep their order (the fuzzer's byte-to-choice mapping, which the committed
+/// seeds and regressions rely on); tests/fuzz_regressions.rs checks them against the policy
+/// table, so a new parameter fails `cargo test` until it is listed here.
+pub const KEYS: &[&str] = &[
     "sinks",
     "interval",
     "granularity",
@@ -371,7 +375,7 @@ fn override_str(b: &mut Bytes) -> Option<CString> {
 }
 
 /// Every key with values it accepts, edges included.
-const VALID: &[(&str, &[&str])] = &[
+pub const VALID: &[(&str, &[&str])] = &[
     ("sinks", &["0", "1", "4", "64", "1048576"]),
     ("interval", &["0", "1", "2", "32", "16777216"]),
     ("granularity", &["token", "layer", "head"]),

@@ -1,9 +1,10 @@
-//! Errors of the library and their fixed C status codes.
+//! Errors of the library. A leaf module: the C status code of each variant and the C message
+//! live in `ffi` (`Error::status`, defined there).
 
 use thiserror::Error;
 
 /// Everything that can go wrong in a call. Each variant maps to one `kvc_status` code
-/// (see [`Error::status`]); the message names the offending argument or value.
+/// (`Error::status`, in `ffi`); the message names the offending argument or value.
 #[derive(Debug, Error, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Error {
@@ -26,8 +27,9 @@ pub enum Error {
         /// row index within the layer input
         row: usize,
     },
-    /// The policy name is not one of [`crate::policy::POLICY_NAMES`].
-    #[error("unknown policy '{0}' (known: {known})", known = crate::policy::POLICY_NAMES.join(", "))]
+    /// The policy name is not one of the policy table's names (`kvcompress::POLICY_NAMES`);
+    /// the C boundary's message lists them.
+    #[error("unknown policy '{0}'")]
     UnknownPolicy(String),
     /// A `name=value` override names a parameter the policy does not have.
     #[error("unknown parameter '{name}' for policy '{policy}' (accepted: {accepted})")]
@@ -79,27 +81,6 @@ pub enum Error {
 
 /// The library's result type.
 pub type Result<T> = std::result::Result<T, Error>;
-
-impl Error {
-    /// The fixed C status code of this error.
-    pub fn status(&self) -> u32 {
-        use crate::ffi::status::*;
-        match self {
-            Error::NullArgument(_) => KVC_STATUS_NULL_ARGUMENT,
-            Error::InvalidShape(_) => KVC_STATUS_INVALID_SHAPE,
-            Error::UnsupportedDtype(_) => KVC_STATUS_UNSUPPORTED_DTYPE,
-            Error::NonFinite { .. } => KVC_STATUS_NON_FINITE_INPUT,
-            Error::UnknownPolicy(_) => KVC_STATUS_UNKNOWN_POLICY,
-            Error::UnknownParam { .. } => KVC_STATUS_UNKNOWN_PARAM,
-            Error::InvalidParamValue { .. } => KVC_STATUS_INVALID_PARAM_VALUE,
-            Error::BufferTooSmall { .. } => KVC_STATUS_BUFFER_TOO_SMALL,
-            Error::CudaUnavailable(_) => KVC_STATUS_CUDA_UNAVAILABLE,
-            Error::AbiMismatch { .. } => KVC_STATUS_ABI_MISMATCH,
-            Error::InvalidUtf8(_) => KVC_STATUS_INVALID_UTF8,
-            Error::Panic(_) => KVC_STATUS_PANIC,
-        }
-    }
-}
 
 /// Shorthand for an [`Error::InvalidShape`].
 pub(crate) fn shape_err(msg: impl Into<String>) -> Error {

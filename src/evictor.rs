@@ -1,18 +1,15 @@
 //! The evictor: one model shape, one policy, the state of every sequence, and the pipeline run
 //! that turns what the engine observed into an eviction plan.
 
-use crate::backend::{Backend, Parallelism};
+use crate::backend::{self, Backend, Parallelism, UnitsIn};
 use crate::budget::DecideCtx;
 use crate::error::{shape_err, Error, Result};
-use crate::policy::{Granularity, Policy};
-use crate::score::{QuerySel, ScoreGrid, UnitCtx};
-use crate::select;
+use crate::policy::Policy;
+use crate::score::{QuerySel, ScoreGrid, Scorer};
+use crate::select::{self, SelectIn, Selection};
 use crate::state::{Carry, LastPlan, QueryRow, SeqState};
 use crate::view::{Keys, Shape};
 use std::collections::HashMap;
-
-/// Scores and rule evidence of one unit.
-type UnitOut = (Vec<f32>, Option<Vec<f32>>);
 
 /// The cells one sequence holds right now.
 #[derive(Debug, Clone, Copy)]
@@ -97,14 +94,7 @@ pub struct Evictor {
 impl Evictor {
     /// A new evictor. CUDA is refused unless the `cuda` feature can open a device.
     pub fn new(shape: Shape, policy: Policy, par: Parallelism, backend: Backend) -> Result<Self> {
-        if backend == Backend::Cuda {
-            #[cfg(feature = "cuda")]
-            crate::backend::cuda::probe()?;
-            #[cfg(not(feature = "cuda"))]
-            return Err(Error::CudaUnavailable(
-                "libkvcompress was built without the `cuda` feature".into(),
-            ));
-        }
+        backend::probe(backend)?;
         Ok(Evictor {
             shape,
             policy,
@@ -257,6 +247,11 @@ impl Evictor {
     /// [`plan`](Self::plan) for a caller that can take at most `evict_cap` evicted cells: a
     /// larger plan fails with [`Error::BufferTooSmall`] *before* anything is remembered, so the
     /// same call can be repeated with a larger buffer.
+    ///
+    /// The steps: validate the view and K, pick the query rows the scorer reads, score every
+    /// unit on the backend, let the rule decide the budget, bound it by the engine's cap
+    /// ([`plan_target`]), allocate and select the keep sets ([`select::select`]), then remember
+    /// what the next plan needs.
     pub fn plan_bounded(
         &mut self,
         s: &SeqInput,
@@ -267,31 +262,10 @@ impl Evictor {
         s.validate()?;
         let n = s.pos.len();
         let Some(scorer) = self.policy.scorer.as_deref() else {
-            return Ok(Plan {
-                evict: Vec::new(),
-                stats: Stats {
-                    n_cells: n,
-                    n_keep: n,
-                    budget: n,
-                    n_seen: s.n_seen(),
-                    ..Default::default()
-                },
-            });
+            return Ok(unchanged_plan(s));
         };
         let shape = self.shape;
-        let keys = if scorer.needs_keys() {
-            let k = keys.ok_or(Error::NullArgument("seq.layers"))?;
-            if k.rows.len() != n {
-                return Err(shape_err(format!(
-                    "{} key rows for {n} cells",
-                    k.rows.len()
-                )));
-            }
-            k.validate(&shape)?;
-            Some(k)
-        } else {
-            None
-        };
+        let keys = checked_keys(&shape, scorer, s, keys)?;
         let st = self.seqs.entry(s.seq_id).or_default();
         let max_pos = *s.pos.last().unwrap_or(&-1);
         st.truncate_after(max_pos);
@@ -299,81 +273,29 @@ impl Evictor {
             return Ok(Plan::default());
         }
         let n_seen = s.n_seen();
-        let prot = select::protected(s.pos, self.policy.sinks, self.policy.window);
-        let queries: Vec<&QueryRow> = match scorer.queries() {
-            QuerySel::None => Vec::new(),
-            QuerySel::Last(k) => st
-                .ring
-                .iter()
-                .skip(st.ring.len().saturating_sub(k))
-                .collect(),
-            QuerySel::Unconsumed => st.ring.iter().filter(|r| r.pos > st.consumed).collect(),
-        };
+        let policy = &self.policy;
+        let prot = select::protected(s.pos, policy.sinks, policy.window);
+        let queries = select_queries(st, scorer.queries());
         let carry: Option<Vec<Vec<f32>>> = if scorer.carries() {
             st.carry.as_ref().map(|c| c.realign(s.pos))
         } else {
             None
         };
-        let n_units = shape.n_layer * shape.n_head_kv;
-        let rule = self.policy.rule.as_ref();
-        // K in device memory: scored by the CUDA backend (Evictor::new refused Cuda otherwise)
-        #[cfg(feature = "cuda")]
-        let device = match keys {
-            Some(k) if self.backend == Backend::Cuda => Some(crate::backend::cuda::score_units(
-                &crate::backend::cuda::UnitsIn {
-                    policy: &self.policy,
-                    shape: &shape,
-                    keys: k,
-                    pos: s.pos,
-                    queries: &queries,
-                    carry: carry.as_deref(),
-                    protected: &prot,
-                    par: &self.par,
-                },
-            )?),
-            _ => None,
-        };
-        #[cfg(not(feature = "cuda"))]
-        let device: Option<Vec<UnitOut>> = if self.backend == Backend::Cuda && keys.is_some() {
-            return Err(Error::CudaUnavailable(
-                "libkvcompress was built without the `cuda` feature".into(),
-            ));
-        } else {
-            None
-        };
-        let results: Vec<Result<UnitOut>> = match device {
-            Some(d) => d.into_iter().map(Ok).collect(),
-            None => self.par.map(n_units, |u| {
-                let (layer, kv_head) = (u / shape.n_head_kv, u % shape.n_head_kv);
-                let mut buf = Vec::new();
-                if let Some(k) = keys {
-                    k.gather_head_t(&shape, layer, kv_head, &mut buf)?;
-                }
-                let ctx = UnitCtx {
-                    shape: &shape,
-                    layer,
-                    kv_head,
-                    keys: &buf,
-                    pos: s.pos,
-                    queries: &queries,
-                    carry: carry.as_ref().map(|c| c[u].as_slice()),
-                    protected: &prot,
-                };
-                Ok((scorer.score_unit(&ctx), rule.unit_evidence(&ctx)))
-            }),
-        };
-        let mut units = Vec::with_capacity(n_units);
-        let mut evidence = Vec::with_capacity(n_units);
-        for r in results {
-            let (sc, ev) = r?;
-            units.push(sc);
-            evidence.push(ev.unwrap_or_default());
-        }
-        let grid = ScoreGrid {
-            n_layer: shape.n_layer,
-            n_head_kv: shape.n_head_kv,
-            units,
-        };
+        let rule = policy.rule.as_ref();
+        let (grid, evidence) = score(
+            self.backend,
+            &UnitsIn {
+                scorer,
+                rule,
+                shape: &shape,
+                keys,
+                pos: s.pos,
+                queries: &queries,
+                carry: carry.as_deref(),
+                protected: &prot,
+                par: &self.par,
+            },
+        )?;
         let decision = rule.decide(&DecideCtx {
             shape: &shape,
             grid: &grid,
@@ -382,152 +304,53 @@ impl Evictor {
             protected: &prot,
             n_seen,
         });
-        // leave some room under the cap so the next tokens do not force a run at every step
-        let cap_target = s.max_cells.saturating_sub(s.max_cells / 16);
-        let over_cap = s.max_cells > 0 && n > s.max_cells;
-        let mut target = decision.budget.min(n);
-        if over_cap && !s.prompt_end {
-            // a capacity-only run in the middle of a prompt: the newest queries are the
-            // prompt's own text, not what will be asked, so free only what the cap demands and
-            // leave the policy's own verdict to the end of the prompt
-            target = cap_target;
-        } else if s.max_cells > 0 && target > s.max_cells {
-            target = cap_target;
-        }
-        if st.interval_run && rule.adaptive() {
-            // a decode-interval run of an adaptive rule judges an already compressed cache
-            // against its own threshold; re-cutting each interval would compound the loss, so
-            // it frees at most what arrived since the last run: memory stays bounded at the
-            // size the prompt settled on, and the newest tokens compete with the old ones
-            let new_since = (n_seen as i64 - st.seen_at_last_run).max(0) as usize;
-            target = target.max(n.saturating_sub(new_since));
-            // the engine's cap still binds: `due` flagged this interval run on an earlier view,
-            // and a plan on a view over `max_cells` must still leave at most that many cells
-            // (found by the C-API fuzzer: gvote kept 21 cells with max_cells=1)
-            if s.max_cells > 0 && target > s.max_cells {
-                target = cap_target;
-            }
-        }
+        let target = plan_target(&TargetIn {
+            n,
+            budget: decision.budget,
+            max_cells: s.max_cells,
+            prompt_end: s.prompt_end,
+            adaptive_interval: (st.interval_run && rule.adaptive())
+                .then(|| n_seen as i64 - st.seen_at_last_run),
+        });
         let cand: Vec<bool> = prot.iter().map(|p| !p).collect();
         let n_prot = prot.iter().filter(|&&p| p).count();
-        let per_unit = target.saturating_sub(n_prot);
-        let budgets = self.policy.allocator.allocate(&grid, &cand, per_unit);
+        let budgets = policy
+            .allocator
+            .allocate(&grid, &cand, target.saturating_sub(n_prot));
         let ranks: Vec<Vec<u32>> = self.par.map(grid.units.len(), |u| {
             select::unit_ranks(&grid.units[u], s.pos, &prot)
         });
-        let mut unit_keep: Vec<Vec<bool>> = ranks
-            .iter()
-            .zip(&budgets)
-            .map(|(r, &b)| select::keep_from_ranks(r, &prot, b))
-            .collect();
-        if self.policy.granularity == Granularity::Layer {
-            // one keep set per layer, shared by its KV heads (a per-layer mask): the cells ranked
-            // by the mean of the heads' scores, the layer's budget the mean of theirs
-            let h = shape.n_head_kv;
-            for l in 0..shape.n_layer {
-                let units = l * h..(l + 1) * h;
-                let mean: Vec<f32> = (0..n)
-                    .map(|i| units.clone().map(|u| grid.units[u][i]).sum::<f32>() / h as f32)
-                    .collect();
-                let b = (budgets[units.clone()].iter().sum::<usize>() + h / 2) / h;
-                let k = select::unit_keep(&mean, s.pos, &prot, b);
-                for u in units {
-                    unit_keep[u].clone_from(&k);
-                }
-            }
-        }
-        let keep = match self.policy.granularity {
-            Granularity::Token => {
-                // an adaptive rule's ranking carries its verdict (which cells its budget
-                // covers); when the cap binds below that budget the verdict does not apply, and
-                // cells rank by their best rank in any unit like every uniform policy
-                let capped = target < decision.budget.min(n);
-                let ranking = match decision.ranking {
-                    Some(r) if !capped => r,
-                    _ if self.policy.allocator.uniform() => {
-                        select::best_rank_ranking(&ranks, &grid.token_mean())
-                    }
-                    _ => select::votes_ranking(&unit_keep, &grid.token_mean()),
-                };
-                select::project(&ranking, s.pos, &prot, target)
-            }
-            // finer granularities free only what no unit keeps; when that union is over the
-            // engine's cap, the cells most units keep win and the unit sets are trimmed to them
-            Granularity::Layer | Granularity::Head => {
-                let mut k = select::pinned(s.pos);
-                for uk in &unit_keep {
-                    k.iter_mut().zip(uk).for_each(|(a, &b)| *a |= b);
-                }
-                let held = k.iter().filter(|&&x| x).count();
-                if s.max_cells > 0 && held > s.max_cells {
-                    let ranking = select::votes_ranking(&unit_keep, &grid.token_mean());
-                    k = select::project(&ranking, s.pos, &prot, target.min(s.max_cells));
-                    for uk in &mut unit_keep {
-                        uk.iter_mut().zip(&k).for_each(|(a, &b)| *a &= b);
-                    }
-                }
-                k
-            }
-        };
-        let layer_kept = (0..shape.n_layer)
-            .map(|l| match self.policy.granularity {
-                Granularity::Token => keep.iter().filter(|&&k| k).count() as u32,
-                _ => (0..n)
-                    .filter(|&i| {
-                        (0..shape.n_head_kv).any(|g| unit_keep[l * shape.n_head_kv + g][i])
-                    })
-                    .count() as u32,
-            })
-            .collect();
-        let evict: Vec<u32> = {
-            let mut e: Vec<u32> = s
-                .cells
-                .iter()
-                .zip(&keep)
-                .filter(|(_, &k)| !k)
-                .map(|(&c, _)| c)
-                .collect();
-            e.sort_unstable();
-            e
-        };
+        // the rule's ranking carries its verdict only when the cap left its budget alone
+        let capped = target < decision.budget.min(n);
+        let sel = select::select(SelectIn {
+            grid: &grid,
+            ranks: &ranks,
+            budgets: &budgets,
+            pos: s.pos,
+            protected: &prot,
+            target,
+            max_cells: s.max_cells,
+            granularity: policy.granularity,
+            verdict: decision.ranking.filter(|_| !capped),
+            uniform: policy.allocator.uniform(),
+        });
+        let evict = evicted_cells(s.cells, &sel.keep);
         if evict.len() > evict_cap {
             return Err(Error::BufferTooSmall {
                 need: evict.len(),
                 got: evict_cap,
             });
         }
-        // remember
-        let kept_pos: Vec<i32> = s
-            .pos
-            .iter()
-            .zip(&keep)
-            .filter(|(_, &k)| k)
-            .map(|(&p, _)| p)
-            .collect();
-        if scorer.carries() {
-            st.carry = Some(Carry {
-                pos: kept_pos.clone(),
-                units: grid
-                    .units
-                    .iter()
-                    .map(|u| {
-                        u.iter()
-                            .zip(&keep)
-                            .filter(|(_, &k)| k)
-                            .map(|(&v, _)| v)
-                            .collect()
-                    })
-                    .collect(),
-            });
-            st.consumed = queries.last().map_or(st.consumed, |r| r.pos);
-        }
-        st.seen_at_last_run = n_seen as i64;
-        st.interval_run = false;
-        st.last = Some(LastPlan {
-            pos: s.pos.to_vec(),
-            unit_keep,
-            layer_kept,
-        });
+        let newest_query = queries.last().map(|r| r.pos);
+        remember(
+            st,
+            scorer.carries(),
+            s.pos,
+            &grid,
+            newest_query,
+            sel,
+            n_seen,
+        );
         let n_keep = n - evict.len();
         Ok(Plan {
             stats: Stats {
@@ -566,5 +389,240 @@ impl Evictor {
         let last = self.seqs.get(&seq_id)?.last.as_ref()?;
         let u = last.unit_keep.get(layer * self.shape.n_head_kv + kv_head)?;
         Some((&last.pos, u))
+    }
+}
+
+/// The plan of a policy that evicts nothing (`none`).
+fn unchanged_plan(s: &SeqInput) -> Plan {
+    let n = s.pos.len();
+    Plan {
+        evict: Vec::new(),
+        stats: Stats {
+            n_cells: n,
+            n_keep: n,
+            budget: n,
+            n_seen: s.n_seen(),
+            ..Default::default()
+        },
+    }
+}
+
+/// K for the scorer: required and checked against the view when it reads K, else unused.
+fn checked_keys<'k>(
+    shape: &Shape,
+    scorer: &dyn Scorer,
+    s: &SeqInput,
+    keys: Option<&'k Keys<'k>>,
+) -> Result<Option<&'k Keys<'k>>> {
+    if !scorer.needs_keys() {
+        return Ok(None);
+    }
+    let k = keys.ok_or(Error::NullArgument("seq.layers"))?;
+    let n = s.pos.len();
+    if k.rows.len() != n {
+        return Err(shape_err(format!(
+            "{} key rows for {n} cells",
+            k.rows.len()
+        )));
+    }
+    k.validate(shape)?;
+    Ok(Some(k))
+}
+
+/// The remembered query rows the scorer reads, oldest first.
+fn select_queries(st: &SeqState, sel: QuerySel) -> Vec<&QueryRow> {
+    match sel {
+        QuerySel::None => Vec::new(),
+        QuerySel::Last(k) => st
+            .ring
+            .iter()
+            .skip(st.ring.len().saturating_sub(k))
+            .collect(),
+        QuerySel::Unconsumed => st.ring.iter().filter(|r| r.pos > st.consumed).collect(),
+    }
+}
+
+/// Every unit scored on `backend`: the score grid and the rule's evidence per unit (empty when
+/// the rule reads none).
+fn score(backend: Backend, inp: &UnitsIn) -> Result<(ScoreGrid, Vec<Vec<f32>>)> {
+    let (units, evidence): (Vec<Vec<f32>>, Vec<Vec<f32>>) = backend::score_units(backend, inp)?
+        .into_iter()
+        .map(|(sc, ev)| (sc, ev.unwrap_or_default()))
+        .unzip();
+    let grid = ScoreGrid {
+        n_layer: inp.shape.n_layer,
+        n_head_kv: inp.shape.n_head_kv,
+        units,
+    };
+    Ok((grid, evidence))
+}
+
+/// What [`plan_target`] bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetIn {
+    /// cells held
+    pub n: usize,
+    /// cells the rule wants to keep
+    pub budget: usize,
+    /// the engine's cap (0 = none)
+    pub max_cells: usize,
+    /// the call ended a prompt (the policy's own verdict applies)
+    pub prompt_end: bool,
+    /// a decode-interval run of an adaptive rule: the tokens seen since its last run (negative
+    /// after a rewind below it, which counts as none)
+    pub adaptive_interval: Option<i64>,
+}
+
+/// Cells a plan keeps: the rule's budget bounded by the cells held and by the engine's cap.
+///
+/// - over the cap in the middle of a prompt (a capacity-only run), the newest queries are the
+///   prompt's own text, not what will be asked: free only what the cap demands and leave the
+///   policy's verdict to the end of the prompt;
+/// - a budget over the cap keeps the cap less 1/16 of it, so that the next tokens do not force a
+///   run at every step;
+/// - a decode-interval run of an adaptive rule judges an already compressed cache against its
+///   own threshold, and re-cutting each interval would compound the loss: it frees at most what
+///   arrived since the last run; the cap still binds (the C-API fuzzer found gvote keeping 21
+///   cells with max_cells=1 when `due` flagged the interval run on an earlier view).
+pub fn plan_target(t: &TargetIn) -> usize {
+    let cap_target = t.max_cells.saturating_sub(t.max_cells / 16);
+    let over_cap = t.max_cells > 0 && t.n > t.max_cells;
+    let mut target = t.budget.min(t.n);
+    if (over_cap && !t.prompt_end) || (t.max_cells > 0 && target > t.max_cells) {
+        target = cap_target;
+    }
+    if let Some(since) = t.adaptive_interval {
+        let new_since = since.max(0) as usize;
+        target = target.max(t.n.saturating_sub(new_since));
+        if t.max_cells > 0 && target > t.max_cells {
+            target = cap_target;
+        }
+    }
+    target
+}
+
+/// Engine cells not kept, ascending.
+fn evicted_cells(cells: &[u32], keep: &[bool]) -> Vec<u32> {
+    let mut e: Vec<u32> = cells
+        .iter()
+        .zip(keep)
+        .filter(|(_, &k)| !k)
+        .map(|(&c, _)| c)
+        .collect();
+    e.sort_unstable();
+    e
+}
+
+/// Remember what the next plan and the introspection calls need: the carried scores of the kept
+/// cells (accumulating scorers) and the rows they consumed, when it ran, and its keep sets.
+fn remember(
+    st: &mut SeqState,
+    carries: bool,
+    pos: &[i32],
+    grid: &ScoreGrid,
+    newest_query: Option<i32>,
+    sel: Selection,
+    n_seen: usize,
+) {
+    let keep = &sel.keep;
+    if carries {
+        st.carry = Some(Carry {
+            pos: pos
+                .iter()
+                .zip(keep)
+                .filter(|(_, &k)| k)
+                .map(|(&p, _)| p)
+                .collect(),
+            units: grid
+                .units
+                .iter()
+                .map(|u| {
+                    u.iter()
+                        .zip(keep)
+                        .filter(|(_, &k)| k)
+                        .map(|(&v, _)| v)
+                        .collect()
+                })
+                .collect(),
+        });
+        st.consumed = newest_query.unwrap_or(st.consumed);
+    }
+    st.seen_at_last_run = n_seen as i64;
+    st.interval_run = false;
+    st.last = Some(LastPlan {
+        pos: pos.to_vec(),
+        unit_keep: sel.unit_keep,
+        layer_kept: sel.layer_kept,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(n: usize, budget: usize, max_cells: usize, prompt_end: bool) -> TargetIn {
+        TargetIn {
+            n,
+            budget,
+            max_cells,
+            prompt_end,
+            adaptive_interval: None,
+        }
+    }
+
+    fn interval(mut x: TargetIn, since: i64) -> TargetIn {
+        x.adaptive_interval = Some(since);
+        x
+    }
+
+    #[test]
+    fn no_cap_keeps_the_budget_within_the_cells_held() {
+        assert_eq!(plan_target(&t(100, 40, 0, true)), 40);
+        assert_eq!(plan_target(&t(100, 40, 0, false)), 40);
+        assert_eq!(plan_target(&t(30, 40, 0, true)), 30);
+        assert_eq!(plan_target(&t(0, 0, 0, true)), 0);
+    }
+
+    #[test]
+    fn a_budget_over_the_cap_keeps_the_cap_less_a_sixteenth() {
+        assert_eq!(plan_target(&t(100, 80, 50, true)), 47);
+        // at the cap exactly: unchanged
+        assert_eq!(plan_target(&t(100, 50, 50, true)), 50);
+        assert_eq!(plan_target(&t(100, 17, 16, true)), 15);
+        // caps below 16 leave no headroom
+        assert_eq!(plan_target(&t(100, 20, 15, true)), 15);
+        assert_eq!(plan_target(&t(100, 20, 1, true)), 1);
+    }
+
+    #[test]
+    fn a_capacity_run_mid_prompt_frees_only_what_the_cap_demands() {
+        // over the cap, not a prompt end: the cap target even when the rule wants fewer cells
+        assert_eq!(plan_target(&t(60, 10, 50, false)), 47);
+        // the same view at a prompt end: the rule's verdict
+        assert_eq!(plan_target(&t(60, 10, 50, true)), 10);
+        // under the cap mid-prompt (an interval run): the rule's budget
+        assert_eq!(plan_target(&t(40, 10, 50, false)), 10);
+    }
+
+    #[test]
+    fn an_adaptive_interval_run_frees_at_most_the_new_tokens() {
+        assert_eq!(plan_target(&interval(t(100, 20, 0, false), 5)), 95);
+        // the rule keeps more than that: its budget
+        assert_eq!(plan_target(&interval(t(100, 98, 0, false), 5)), 98);
+        // more new tokens than cells: the rule's budget
+        assert_eq!(plan_target(&interval(t(10, 4, 0, false), 50)), 4);
+        // a rewind below the last run (negative): nothing new, nothing freed
+        assert_eq!(plan_target(&interval(t(30, 4, 0, false), -7)), 30);
+    }
+
+    /// fuzz/regressions/c_api/interval-run-over-max-cells-*: `due` flagged an interval run on an
+    /// earlier view, the plan's view is over max_cells=1, and gvote kept 21 cells.
+    #[test]
+    fn an_adaptive_interval_run_still_obeys_the_cap() {
+        assert_eq!(plan_target(&interval(t(22, 22, 1, false), 1)), 1);
+        assert_eq!(plan_target(&interval(t(22, 3, 1, false), 1)), 1);
+        assert_eq!(plan_target(&interval(t(100, 20, 50, false), 5)), 47);
+        // under the cap the interval bound stands
+        assert_eq!(plan_target(&interval(t(40, 10, 50, false), 5)), 35);
     }
 }

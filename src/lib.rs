@@ -17,6 +17,19 @@
 //!
 //! Named policies ([`policy`]) are presets of these stages. The C ABI lives in [`ffi`] and is
 //! described by `include/kvcompress.h`.
+//!
+//! Modules are layered leaf to root; each imports only from the layers before it:
+//!
+//! - leaves: [`error`], [`view`] (shapes and K access), [`state`], [`kernels`] (the CPU's numeric
+//!   loops, no policy knowledge);
+//! - the stages: [`score`] (on kernels), [`select`], [`budget`] (on the score grid and the
+//!   selection's rankings), each knowing only the stage types;
+//! - [`policy`]: the policy table, each preset declared once as a build of the stages;
+//! - [`backend`]: `score_units` on the CPU, on CUDA (feature `cuda`) or a stub answering
+//!   `CudaUnavailable`; a device computes what the stages' recipes (`Scorer::device`,
+//!   `BudgetRule::needs_newest_attention`) ask for, never looking at a policy;
+//! - [`evictor`]: the plan, as named steps;
+//! - [`ffi`]: the C ABI, status codes and the error -> status mapping.
 
 pub mod backend;
 pub mod budget;
@@ -24,6 +37,7 @@ pub mod error;
 pub mod evictor;
 mod failpoint;
 pub mod ffi;
+pub mod kernels;
 pub mod policy;
 pub mod reference;
 pub mod score;

@@ -1,47 +1,154 @@
 //! The named policies: each is a preset of scorer × budget rule × allocator with the papers'
 //! defaults, and every parameter can be overridden with a `name=value` string.
+//!
+//! [`PRESETS`] is the one policy table: each preset is declared once there, with its name, its
+//! parameters (defaults, accepted ranges, help), whether its budget is user-set or adaptive and
+//! how its stages are built. [`POLICY_NAMES`], `kvc_policy_names()`, [`Policy::describe`], the
+//! property tests, the fuzz driver and the evaluation's policy lists (`eval/policies.json`,
+//! written by [`table_json`]) all derive from it.
 
 use crate::budget::{Ada, Allocator, BudgetRule, DBudget, Dynamic, Fixed, Pyramid, Uniform, Vote};
 use crate::error::{Error, Result};
-use crate::score::{Accumulated, GVote, GqaReduce, KeyNorm, Position, Scorer, WindowAttention};
+use crate::score::{
+    Accumulated, GVote, GqaReduce, KeyNorm, Position, PositionWithQueries, Scorer, WindowAttention,
+};
 use std::collections::BTreeMap;
 
-/// Every policy name `--kv-policy` accepts.
-pub const POLICY_NAMES: &[&str] = &[
-    "none",
-    "streaming",
-    "h2o",
-    "snapkv",
-    "tova",
-    "knorm",
-    "pyramidkv",
-    "dynamickv",
-    "adakv",
-    "dbudget",
-    "gvote",
-];
+pub use crate::select::Granularity;
 
-/// Where the keep sets apply (DESIGN.md §2).
+/// How a preset's total budget is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    /// the same cells in every layer and head; cells are freed
-    Token,
-    /// a keep set per layer; cells no layer keeps are freed
-    Layer,
-    /// a keep set per (layer, KV head); cells no head keeps are freed
-    Head,
+pub enum BudgetKind {
+    /// nothing is evicted (`none`): no parameters, no stages
+    Off,
+    /// user-set: `ratio=` (default) or `tokens=`
+    Fixed,
+    /// emerges from the input (no `ratio`/`tokens`)
+    Adaptive,
+}
+
+impl BudgetKind {
+    /// `off`, `fixed` or `adaptive`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetKind::Off => "off",
+            BudgetKind::Fixed => "fixed",
+            BudgetKind::Adaptive => "adaptive",
+        }
+    }
+}
+
+/// The values a parameter accepts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Range {
+    /// an integer in `min..=max`
+    Int {
+        /// smallest
+        min: usize,
+        /// largest
+        max: usize,
+    },
+    /// an odd integer in `min..=max` (a pooling kernel)
+    OddInt {
+        /// smallest
+        min: usize,
+        /// largest
+        max: usize,
+    },
+    /// an integer in `min..=max`, or unset (empty)
+    OptInt {
+        /// smallest
+        min: usize,
+        /// largest
+        max: usize,
+    },
+    /// any `u64`
+    U64,
+    /// a finite number between `lo` and `hi` (`inf` for none), each bound open or closed
+    Num {
+        /// lower bound
+        lo: f32,
+        /// the lower bound itself is excluded
+        lo_open: bool,
+        /// upper bound
+        hi: f32,
+        /// the upper bound itself is excluded
+        hi_open: bool,
+    },
+    /// one of these words
+    Choice(&'static [&'static str]),
+}
+
+impl Range {
+    /// The range as text (`[0, 1)`, `1..=63`, `mean | max`).
+    pub fn text(&self) -> String {
+        match *self {
+            Range::Int { min, max } | Range::OptInt { min, max } => format!("{min}..={max}"),
+            Range::OddInt { min, max } => format!("odd {min}..={max}"),
+            Range::U64 => format!("0..={}", u64::MAX),
+            Range::Num {
+                lo,
+                lo_open,
+                hi,
+                hi_open,
+            } => format!(
+                "{}{lo}, {hi}{}",
+                if lo_open { "(" } else { "[" },
+                if hi_open { ")" } else { "]" }
+            ),
+            Range::Choice(o) => o.join(" | "),
+        }
+    }
+
+    fn contains(&self, v: f32) -> bool {
+        let Range::Num {
+            lo,
+            lo_open,
+            hi,
+            hi_open,
+        } = *self
+        else {
+            return false;
+        };
+        (if lo_open { v > lo } else { v >= lo }) && (if hi_open { v < hi } else { v <= hi })
+    }
 }
 
 /// One accepted parameter.
-struct Spec {
-    key: &'static str,
-    default: &'static str,
-    help: &'static str,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Param {
+    /// its name
+    pub key: &'static str,
+    /// its default value ("" = unset)
+    pub default: &'static str,
+    /// the values it accepts
+    pub range: Range,
+    /// one line of help
+    pub help: &'static str,
 }
 
-const fn p(key: &'static str, default: &'static str, help: &'static str) -> Spec {
-    Spec { key, default, help }
+const fn p(key: &'static str, default: &'static str, range: Range, help: &'static str) -> Param {
+    Param {
+        key,
+        default,
+        range,
+        help,
+    }
 }
+
+const fn num(lo: f32, lo_open: bool, hi: f32, hi_open: bool) -> Range {
+    Range::Num {
+        lo,
+        lo_open,
+        hi,
+        hi_open,
+    }
+}
+
+const WINDOW: Range = Range::Int { min: 0, max: 4096 };
+const POOL: Range = Range::OddInt { min: 1, max: 63 };
+const UNIT: Range = num(0.0, false, 1.0, false);
+const AT_LEAST_1: Range = num(1.0, false, f32::INFINITY, true);
 
 /// Default `granularity`: `token` for every policy, including the ones whose papers
 /// keep per-layer (PyramidKV, DynamicKV) or per-head (Ada-KV) sets.
@@ -57,150 +164,384 @@ const fn p(key: &'static str, default: &'static str, help: &'static str) -> Spec
 /// the gain rests on a small grid; `layer` is the opt-in for memory-bound single-shot use.
 const DEFAULT_GRANULARITY: &str = "token";
 
-/// Parameters of a policy (defaults from the papers; see ALGORITHMS.md).
-fn specs(name: &str) -> Vec<Spec> {
-    let common = [
-        p("sinks", "4", "oldest cells always kept (attention sinks)"),
-        p(
-            "interval",
-            "32",
-            "during decode, run again after this many new tokens (0 = prefill only)",
-        ),
-        p(
-            "granularity",
-            DEFAULT_GRANULARITY,
-            "token | layer | head: where the keep sets apply (layer/head: per-layer/per-head sets, re-packed)",
-        ),
-    ];
-    let fixed = [
-        p(
-            "ratio",
-            "0.5",
-            "fraction of the tokens seen to evict (0 <= ratio < 1)",
-        ),
-        p("tokens", "", "cells to keep (overrides ratio)"),
-    ];
-    let gqa = p(
-        "gqa",
-        "mean",
-        "reduce query heads of a GQA group: mean | max",
-    );
-    let mut v: Vec<Spec> = common.into_iter().collect();
-    match name {
-        "none" => return Vec::new(),
-        "streaming" => {
-            v.extend(fixed);
-            v.push(p("window", "0", "newest cells always kept"));
+/// Parameters of every policy but `none`, first in every list.
+const COMMON: &[Param] = &[
+    p(
+        "sinks",
+        "4",
+        Range::Int { min: 0, max: 1 << 20 },
+        "oldest cells always kept (attention sinks)",
+    ),
+    p(
+        "interval",
+        "32",
+        Range::Int { min: 0, max: 1 << 24 },
+        "during decode, run again after this many new tokens (0 = prefill only)",
+    ),
+    p(
+        "granularity",
+        DEFAULT_GRANULARITY,
+        Range::Choice(&["token", "layer", "head"]),
+        "token | layer | head: where the keep sets apply (layer/head: per-layer/per-head sets, re-packed)",
+    ),
+];
+
+/// Parameters of the user-set budget ([`BudgetKind::Fixed`]), after [`COMMON`].
+const FIXED: &[Param] = &[
+    p(
+        "ratio",
+        "0.5",
+        num(0.0, false, 1.0, true),
+        "fraction of the tokens seen to evict (0 <= ratio < 1)",
+    ),
+    p(
+        "tokens",
+        "",
+        Range::OptInt {
+            min: 1,
+            max: u32::MAX as usize,
+        },
+        "cells to keep (overrides ratio)",
+    ),
+];
+
+const GQA: Param = p(
+    "gqa",
+    "mean",
+    Range::Choice(&["mean", "max"]),
+    "reduce query heads of a GQA group: mean | max",
+);
+const KEPT_WINDOW_HELP: &str = "newest cells always kept";
+const OBS_WINDOW_HELP: &str =
+    "observation window: newest queries scored against the cache, and kept";
+const POOL_HELP: &str = "pooling kernel along the sequence (odd; 1 = none)";
+const POOLING: Range = Range::Choice(&["max", "avg"]);
+
+/// The stages a preset builds.
+type Stages = (Box<dyn Scorer>, Box<dyn BudgetRule>, Box<dyn Allocator>);
+
+/// One named policy: declared once, everything else derives from it.
+pub struct Preset {
+    /// the name `--kv-policy` accepts
+    pub name: &'static str,
+    /// user-set or adaptive budget
+    pub budget: BudgetKind,
+    /// its own parameters, after [`COMMON`] (and [`FIXED`] for a fixed budget)
+    pub own: &'static [Param],
+    /// builds the stages from the resolved values and the observation window (`window`, >= 1)
+    build: fn(&Values, usize) -> Result<Stages>,
+}
+
+impl std::fmt::Debug for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Preset({} {:?})", self.name, self.budget)
+    }
+}
+
+impl Preset {
+    /// Every parameter it accepts, in help order: common, fixed budget, its own.
+    pub fn params(&self) -> Vec<Param> {
+        match self.budget {
+            BudgetKind::Off => Vec::new(),
+            BudgetKind::Fixed => [COMMON, FIXED, self.own].concat(),
+            BudgetKind::Adaptive => [COMMON, self.own].concat(),
         }
-        "h2o" => {
-            v.extend(fixed);
-            v.extend([
-                p(
-                    "window",
-                    "32",
-                    "newest cells always kept; also query rows captured per call",
-                ),
-                gqa,
-            ]);
-        }
-        "snapkv" | "pyramidkv" | "dynamickv" | "adakv" => {
-            let (window, pooling) = match name {
-                "pyramidkv" => ("8", "max"),
-                "dynamickv" => ("8", "avg"),
-                _ => ("32", "max"),
+    }
+
+    /// The preset called `name`.
+    pub fn find(name: &str) -> Option<&'static Preset> {
+        PRESETS.iter().find(|p| p.name == name)
+    }
+}
+
+/// The policy table.
+pub const PRESETS: [Preset; 11] = [
+    Preset {
+        name: "none",
+        budget: BudgetKind::Off,
+        own: &[],
+        build: |_, _| unreachable!("`none` builds no stages"),
+    },
+    Preset {
+        name: "streaming",
+        budget: BudgetKind::Fixed,
+        own: &[p("window", "0", WINDOW, KEPT_WINDOW_HELP)],
+        build: |v, _| Ok((Box::new(Position), Box::new(v.fixed()?), Box::new(Uniform))),
+    },
+    Preset {
+        name: "h2o",
+        budget: BudgetKind::Fixed,
+        own: &[
+            p(
+                "window",
+                "32",
+                WINDOW,
+                "newest cells always kept; also query rows captured per call",
+            ),
+            GQA,
+        ],
+        build: |v, _| {
+            Ok((
+                Box::new(Accumulated { gqa: v.gqa()? }),
+                Box::new(v.fixed()?),
+                Box::new(Uniform),
+            ))
+        },
+    },
+    Preset {
+        name: "snapkv",
+        budget: BudgetKind::Fixed,
+        own: &[
+            p("window", "32", WINDOW, OBS_WINDOW_HELP),
+            p("pool", "7", POOL, POOL_HELP),
+            p("pooling", "max", POOLING, "max | avg"),
+            GQA,
+        ],
+        build: |v, w| Ok((v.window_attention(w)?, Box::new(v.fixed()?), Box::new(Uniform))),
+    },
+    Preset {
+        name: "tova",
+        budget: BudgetKind::Fixed,
+        own: &[p("window", "1", WINDOW, KEPT_WINDOW_HELP), GQA],
+        build: |v, _| {
+            Ok((
+                Box::new(WindowAttention {
+                    window: 1,
+                    kernel: 1,
+                    max_pool: true,
+                    gqa: v.gqa()?,
+                }),
+                Box::new(v.fixed()?),
+                Box::new(Uniform),
+            ))
+        },
+    },
+    Preset {
+        name: "knorm",
+        budget: BudgetKind::Fixed,
+        own: &[p("window", "8", WINDOW, KEPT_WINDOW_HELP)],
+        build: |v, _| Ok((Box::new(KeyNorm), Box::new(v.fixed()?), Box::new(Uniform))),
+    },
+    Preset {
+        name: "pyramidkv",
+        budget: BudgetKind::Fixed,
+        own: &[
+            p("window", "8", WINDOW, OBS_WINDOW_HELP),
+            p("pool", "7", POOL, POOL_HELP),
+            p("pooling", "max", POOLING, "max | avg"),
+            GQA,
+            p(
+                "beta",
+                "20",
+                AT_LEAST_1,
+                "pyramid steepness: last layer gets budget/beta",
+            ),
+        ],
+        build: |v, w| {
+            let scorer = v.window_attention(w)?;
+            let beta = v.f32("beta")?;
+            Ok((scorer, Box::new(v.fixed()?), Box::new(Pyramid { beta })))
+        },
+    },
+    Preset {
+        name: "dynamickv",
+        budget: BudgetKind::Fixed,
+        own: &[
+            p("window", "8", WINDOW, OBS_WINDOW_HELP),
+            p("pool", "7", POOL, POOL_HELP),
+            p("pooling", "avg", POOLING, "max | avg"),
+            GQA,
+            p(
+                "max_ratio",
+                "10",
+                AT_LEAST_1,
+                "cap of a layer's budget, in multiples of the average",
+            ),
+        ],
+        build: |v, w| {
+            let scorer = v.window_attention(w)?;
+            let max_ratio = v.f32("max_ratio")?;
+            Ok((scorer, Box::new(v.fixed()?), Box::new(Dynamic { max_ratio })))
+        },
+    },
+    Preset {
+        name: "adakv",
+        budget: BudgetKind::Fixed,
+        own: &[
+            p("window", "32", WINDOW, OBS_WINDOW_HELP),
+            p("pool", "7", POOL, POOL_HELP),
+            p("pooling", "max", POOLING, "max | avg"),
+            GQA,
+            p(
+                "alpha",
+                "0.2",
+                UNIT,
+                "uniform floor of each head's share (0..1)",
+            ),
+            p(
+                "layers",
+                "uniform",
+                Range::Choice(&["uniform", "pyramid"]),
+                "layer budgets under the head split: uniform | pyramid",
+            ),
+        ],
+        build: |v, w| {
+            let scorer = v.window_attention(w)?;
+            let alpha = v.f32("alpha")?;
+            let layers: Box<dyn Allocator> = match v.choice("layers")? {
+                "pyramid" => Box::new(Pyramid { beta: 20.0 }),
+                _ => Box::new(Uniform),
             };
-            v.extend(fixed);
-            v.extend([
-                p(
-                    "window",
-                    window,
-                    "observation window: newest queries scored against the cache, and kept",
-                ),
-                p(
-                    "pool",
-                    "7",
-                    "pooling kernel along the sequence (odd; 1 = none)",
-                ),
-                p("pooling", pooling, "max | avg"),
-                gqa,
-            ]);
-            match name {
-                "pyramidkv" => v.push(p(
-                    "beta",
-                    "20",
-                    "pyramid steepness: last layer gets budget/beta",
-                )),
-                "dynamickv" => v.push(p(
-                    "max_ratio",
-                    "10",
-                    "cap of a layer's budget, in multiples of the average",
-                )),
-                "adakv" => {
-                    v.push(p(
-                        "alpha",
-                        "0.2",
-                        "uniform floor of each head's share (0..1)",
-                    ));
-                    v.push(p(
-                        "layers",
-                        "uniform",
-                        "layer budgets under the head split: uniform | pyramid",
-                    ));
-                }
-                _ => {}
-            }
-        }
-        "tova" => {
-            v.extend(fixed);
-            v.extend([p("window", "1", "newest cells always kept"), gqa]);
-        }
-        "knorm" => {
-            v.extend(fixed);
-            v.push(p("window", "8", "newest cells always kept"));
-        }
-        "dbudget" => v.extend([
+            Ok((scorer, Box::new(v.fixed()?), Box::new(Ada { alpha, layers })))
+        },
+    },
+    Preset {
+        name: "dbudget",
+        budget: BudgetKind::Adaptive,
+        own: &[
             p(
                 "threshold",
                 "0.01",
+                num(0.0, true, 1.0, true),
                 "largest relative drop of the newest query's attention norm, per layer",
             ),
             p(
                 "window",
                 "8",
+                WINDOW,
                 "observation window for the ranking, and newest cells kept",
             ),
             p(
                 "ranker",
                 "window",
+                Range::Choice(&["window", "position"]),
                 "window (attention of the newest queries) | position (oldest first)",
             ),
-            p("pool", "7", "max-pooling kernel of the window ranking along the sequence (odd; 1 = none): a needle's neighbours share its rank, so numbers and names survive whole"),
-            gqa,
-        ]),
-        "gvote" => v.extend([
-            p("p", "0.95", "nucleus mass each sampled query keeps"),
-            p("samples", "8", "sampled future queries per head"),
+            p("pool", "7", POOL, "max-pooling kernel of the window ranking along the sequence (odd; 1 = none): a needle's neighbours share its rank, so numbers and names survive whole"),
+            GQA,
+        ],
+        build: |v, w| {
+            let scorer: Box<dyn Scorer> = match v.choice("ranker")? {
+                "position" => Box::new(PositionWithQueries { window: w }),
+                _ => Box::new(WindowAttention {
+                    window: w,
+                    kernel: v.odd("pool")?,
+                    max_pool: true,
+                    gqa: v.gqa()?,
+                }),
+            };
+            let threshold = v.f32("threshold")?;
+            Ok((scorer, Box::new(DBudget { threshold }), Box::new(Uniform)))
+        },
+    },
+    Preset {
+        name: "gvote",
+        budget: BudgetKind::Adaptive,
+        own: &[
+            p("p", "0.95", num(0.0, true, 1.0, false), "nucleus mass each sampled query keeps"),
+            p(
+                "samples",
+                "8",
+                Range::Int { min: 0, max: 1024 },
+                "sampled future queries per head",
+            ),
             p(
                 "quorum",
                 "0.35",
+                UNIT,
                 "fraction of (layer, KV head) units that must vote for a cell; 0 = union (keeps most)",
             ),
-            p("seed", "0", "sampler seed"),
-            p("pool", "7", "max-pooling kernel of the vote shares along the sequence (odd; 1 = none)"),
+            p("seed", "0", Range::U64, "sampler seed"),
+            p("pool", "7", POOL, "max-pooling kernel of the vote shares along the sequence (odd; 1 = none)"),
             p(
                 "window",
                 "32",
+                WINDOW,
                 "query rows the Gaussian is fitted to, and newest cells kept",
             ),
-        ]),
-        _ => return Vec::new(),
+        ],
+        build: |v, w| {
+            let scorer = GVote {
+                window: w.max(2),
+                p: v.f32("p")?,
+                samples: v.usize("samples")?,
+                seed: v.u64("seed")?,
+                kernel: v.odd("pool")?,
+            };
+            let quorum = v.f32("quorum")?;
+            Ok((
+                Box::new(scorer),
+                Box::new(Vote { quorum }),
+                Box::new(Uniform),
+            ))
+        },
+    },
+];
+
+const fn names<const N: usize>(t: &[Preset; N]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = t[i].name;
+        i += 1;
     }
-    v
+    out
 }
 
-/// Resolved `name=value` pairs of one policy.
+const NAMES: [&str; PRESETS.len()] = names(&PRESETS);
+
+/// Every policy name `--kv-policy` accepts, in table order.
+pub const POLICY_NAMES: &[&str] = &NAMES;
+
+/// The policy table as JSON (name, budget kind, parameters with default, range and help), for
+/// tools outside Rust: `eval/policies.json` is this text (`cargo run --release --example
+/// gen_policies` writes it, tests/policies.rs checks it is current).
+pub fn table_json() -> String {
+    fn q(s: &str) -> String {
+        let mut o = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => o.push_str("\\\""),
+                '\\' => o.push_str("\\\\"),
+                c => o.push(c),
+            }
+        }
+        o.push('"');
+        o
+    }
+    let mut s = String::from("[\n");
+    for (i, pr) in PRESETS.iter().enumerate() {
+        s.push_str(&format!(
+            "  {{\"name\": {}, \"budget\": {}, \"params\": [",
+            q(pr.name),
+            q(pr.budget.as_str())
+        ));
+        let ps = pr.params();
+        for (j, pa) in ps.iter().enumerate() {
+            s.push_str(&format!(
+                "\n    {{\"key\": {}, \"default\": {}, \"range\": {}, \"help\": {}}}{}",
+                q(pa.key),
+                q(pa.default),
+                q(&pa.range.text()),
+                q(pa.help),
+                if j + 1 < ps.len() { "," } else { "\n  " }
+            ));
+        }
+        s.push_str(if i + 1 < PRESETS.len() {
+            "]},\n"
+        } else {
+            "]}\n"
+        });
+    }
+    s.push_str("]\n");
+    s
+}
+
+/// Resolved `name=value` pairs of one policy, checked against the parameters' ranges as they
+/// are read.
 struct Values {
     policy: String,
+    params: Vec<Param>,
     map: BTreeMap<&'static str, String>,
     set: Vec<&'static str>,
 }
@@ -218,7 +559,15 @@ impl Values {
         self.map.get(key).map(String::as_str).unwrap_or("")
     }
 
-    fn usize(&self, key: &str, min: usize, max: usize) -> Result<usize> {
+    fn range(&self, key: &str) -> Range {
+        self.params
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| p.range)
+            .unwrap_or_else(|| unreachable!("a preset reads `{key}`, which it does not declare"))
+    }
+
+    fn int_in(&self, key: &str, min: usize, max: usize) -> Result<usize> {
         let v: usize = self
             .raw(key)
             .parse()
@@ -229,18 +578,47 @@ impl Values {
         Ok(v)
     }
 
-    fn f32(&self, key: &str, ok: impl Fn(f32) -> bool, range: &str) -> Result<f32> {
+    fn usize(&self, key: &str) -> Result<usize> {
+        match self.range(key) {
+            Range::Int { min, max } | Range::OptInt { min, max } | Range::OddInt { min, max } => {
+                self.int_in(key, min, max)
+            }
+            r => unreachable!("`{key}` is {r:?}, not an integer"),
+        }
+    }
+
+    /// A pooling kernel: an odd integer in its range.
+    fn odd(&self, key: &str) -> Result<usize> {
+        let k = self.usize(key)?;
+        if k % 2 == 0 {
+            return Err(self.bad(key, "expected an odd kernel size"));
+        }
+        Ok(k)
+    }
+
+    fn u64(&self, key: &str) -> Result<u64> {
+        self.raw(key)
+            .parse::<u64>()
+            .map_err(|_| self.bad(key, "expected a non-negative integer"))
+    }
+
+    fn f32(&self, key: &str) -> Result<f32> {
+        let range = self.range(key);
+        let text = range.text();
         let v: f32 = self
             .raw(key)
             .parse()
-            .map_err(|_| self.bad(key, format!("expected a number in {range}")))?;
-        if !v.is_finite() || !ok(v) {
-            return Err(self.bad(key, format!("expected a number in {range}")));
+            .map_err(|_| self.bad(key, format!("expected a number in {text}")))?;
+        if !v.is_finite() || !range.contains(v) {
+            return Err(self.bad(key, format!("expected a number in {text}")));
         }
         Ok(v)
     }
 
-    fn choice<'a>(&self, key: &str, options: &[&'a str]) -> Result<&'a str> {
+    fn choice(&self, key: &str) -> Result<&'static str> {
+        let Range::Choice(options) = self.range(key) else {
+            unreachable!("`{key}` is not a choice")
+        };
         let v = self.raw(key);
         options
             .iter()
@@ -250,7 +628,7 @@ impl Values {
     }
 
     fn gqa(&self) -> Result<GqaReduce> {
-        Ok(match self.choice("gqa", &["mean", "max"])? {
+        Ok(match self.choice("gqa")? {
             "max" => GqaReduce::Max,
             _ => GqaReduce::Mean,
         })
@@ -261,13 +639,21 @@ impl Values {
             if self.set.contains(&"ratio") {
                 return Err(self.bad("tokens", "give either ratio or tokens, not both"));
             }
-            return Ok(Fixed::Tokens(self.usize("tokens", 1, u32::MAX as usize)?));
+            return Ok(Fixed::Tokens(self.usize("tokens")?));
         }
-        Ok(Fixed::Ratio(self.f32(
-            "ratio",
-            |r| (0.0..1.0).contains(&r),
-            "[0, 1)",
-        )?))
+        Ok(Fixed::Ratio(self.f32("ratio")?))
+    }
+
+    /// The SnapKV-family scorer: `pool`, `pooling`, `gqa` over an observation window `w`.
+    fn window_attention(&self, w: usize) -> Result<Box<dyn Scorer>> {
+        let kernel = self.odd("pool")?;
+        let max_pool = self.choice("pooling")? == "max";
+        Ok(Box::new(WindowAttention {
+            window: w,
+            kernel,
+            max_pool,
+            gqa: self.gqa()?,
+        }))
     }
 }
 
@@ -302,12 +688,13 @@ impl std::fmt::Debug for Policy {
 impl Policy {
     /// Parse a policy name and `name=value` overrides.
     pub fn parse(name: &str, overrides: &[&str]) -> Result<Policy> {
-        let Some(&name) = POLICY_NAMES.iter().find(|n| **n == name) else {
+        let Some(preset) = Preset::find(name) else {
             return Err(Error::UnknownPolicy(name.to_string()));
         };
-        let specs = specs(name);
+        let specs = preset.params();
         let mut values = Values {
-            policy: name.to_string(),
+            policy: preset.name.to_string(),
+            params: specs.clone(),
             map: BTreeMap::new(),
             set: Vec::new(),
         };
@@ -335,10 +722,11 @@ impl Policy {
             values.map.insert(spec.key, v.to_string());
             values.set.push(spec.key);
         }
-        Self::build(name, &values)
+        Self::build(preset, &values)
     }
 
-    fn build(name: &'static str, v: &Values) -> Result<Policy> {
+    fn build(preset: &'static Preset, v: &Values) -> Result<Policy> {
+        let name = preset.name;
         // `tokens` replaces `ratio` (parse refuses both): with tokens set the ratio is unused,
         // and printing it made `describe` a spec that does not parse back (found by the fuzzer)
         let tokens_set = !v.raw("tokens").is_empty();
@@ -349,7 +737,7 @@ impl Policy {
             .filter(|(k, _)| !tokens_set || **k != "ratio")
             .map(|(k, x)| (k.to_string(), x.clone()))
             .collect();
-        if name == "none" {
+        if preset.budget == BudgetKind::Off {
             return Ok(Policy {
                 name,
                 scorer: None,
@@ -362,100 +750,15 @@ impl Policy {
                 resolved,
             });
         }
-        let sinks = v.usize("sinks", 0, 1 << 20)?;
-        let interval = v.usize("interval", 0, 1 << 24)?;
-        let window = v.usize("window", 0, 4096)?;
-        let granularity = match v.choice("granularity", &["token", "layer", "head"])? {
+        let sinks = v.usize("sinks")?;
+        let interval = v.usize("interval")?;
+        let window = v.usize("window")?;
+        let granularity = match v.choice("granularity")? {
             "layer" => Granularity::Layer,
             "head" => Granularity::Head,
             _ => Granularity::Token,
         };
-        let pool = |v: &Values| -> Result<(usize, bool)> {
-            Ok((
-                odd_kernel(v)?,
-                v.choice("pooling", &["max", "avg"])? == "max",
-            ))
-        };
-        let obs_window = window.max(1);
-        let (scorer, rule, allocator): (Box<dyn Scorer>, Box<dyn BudgetRule>, Box<dyn Allocator>) =
-            match name {
-                "streaming" => (Box::new(Position), Box::new(v.fixed()?), Box::new(Uniform)),
-                "h2o" => (
-                    Box::new(Accumulated { gqa: v.gqa()? }),
-                    Box::new(v.fixed()?),
-                    Box::new(Uniform),
-                ),
-                "tova" => (
-                    Box::new(WindowAttention {
-                        window: 1,
-                        kernel: 1,
-                        max_pool: true,
-                        gqa: v.gqa()?,
-                    }),
-                    Box::new(v.fixed()?),
-                    Box::new(Uniform),
-                ),
-                "knorm" => (Box::new(KeyNorm), Box::new(v.fixed()?), Box::new(Uniform)),
-                "snapkv" | "pyramidkv" | "dynamickv" | "adakv" => {
-                    let (kernel, max_pool) = pool(v)?;
-                    let scorer = WindowAttention {
-                        window: obs_window,
-                        kernel,
-                        max_pool,
-                        gqa: v.gqa()?,
-                    };
-                    let allocator: Box<dyn Allocator> = match name {
-                        "pyramidkv" => Box::new(Pyramid {
-                            beta: v.f32("beta", |b| b >= 1.0, "[1, inf)")?,
-                        }),
-                        "dynamickv" => Box::new(Dynamic {
-                            max_ratio: v.f32("max_ratio", |r| r >= 1.0, "[1, inf)")?,
-                        }),
-                        "adakv" => Box::new(Ada {
-                            alpha: v.f32("alpha", |a| (0.0..=1.0).contains(&a), "[0, 1]")?,
-                            layers: match v.choice("layers", &["uniform", "pyramid"])? {
-                                "pyramid" => Box::new(Pyramid { beta: 20.0 }),
-                                _ => Box::new(Uniform),
-                            },
-                        }),
-                        _ => Box::new(Uniform),
-                    };
-                    (Box::new(scorer), Box::new(v.fixed()?), allocator)
-                }
-                "dbudget" => {
-                    let scorer: Box<dyn Scorer> =
-                        match v.choice("ranker", &["window", "position"])? {
-                            "position" => Box::new(PositionWithQueries { window: obs_window }),
-                            _ => Box::new(WindowAttention {
-                                window: obs_window,
-                                kernel: odd_kernel(v)?,
-                                max_pool: true,
-                                gqa: v.gqa()?,
-                            }),
-                        };
-                    let threshold = v.f32("threshold", |t| t > 0.0 && t < 1.0, "(0, 1)")?;
-                    (scorer, Box::new(DBudget { threshold }), Box::new(Uniform))
-                }
-                "gvote" => {
-                    let scorer = GVote {
-                        window: obs_window.max(2),
-                        p: v.f32("p", |p| p > 0.0 && p <= 1.0, "(0, 1]")?,
-                        samples: v.usize("samples", 0, 1024)?,
-                        seed: v
-                            .raw("seed")
-                            .parse::<u64>()
-                            .map_err(|_| v.bad("seed", "expected a non-negative integer"))?,
-                        kernel: odd_kernel(v)?,
-                    };
-                    let quorum = v.f32("quorum", |q| (0.0..=1.0).contains(&q), "[0, 1]")?;
-                    (
-                        Box::new(scorer),
-                        Box::new(Vote { quorum }),
-                        Box::new(Uniform),
-                    )
-                }
-                _ => unreachable!("every name in POLICY_NAMES is handled"),
-            };
+        let (scorer, rule, allocator) = (preset.build)(v, window.max(1))?;
         Ok(Policy {
             name,
             scorer: Some(scorer),
@@ -480,41 +783,14 @@ impl Policy {
 
     /// Help text: each parameter with its default.
     pub fn help(name: &str) -> Option<String> {
-        if !POLICY_NAMES.contains(&name) {
-            return None;
-        }
         Some(
-            specs(name)
+            Preset::find(name)?
+                .params()
                 .iter()
                 .map(|s| format!("{}={} ({})", s.key, s.default, s.help))
                 .collect::<Vec<_>>()
                 .join("\n"),
         )
-    }
-}
-
-/// The `pool` parameter: an odd kernel size in 1..=63.
-fn odd_kernel(v: &Values) -> Result<usize> {
-    let k = v.usize("pool", 1, 63)?;
-    if k % 2 == 0 {
-        return Err(v.bad("pool", "expected an odd kernel size"));
-    }
-    Ok(k)
-}
-
-/// The position ranking of ReFreeKV v3/v4 (oldest first) that still asks for the newest queries,
-/// because the stopping rule measures their attention.
-#[derive(Debug, Clone)]
-struct PositionWithQueries {
-    window: usize,
-}
-
-impl Scorer for PositionWithQueries {
-    fn queries(&self) -> crate::score::QuerySel {
-        crate::score::QuerySel::Last(self.window)
-    }
-    fn score_unit(&self, u: &crate::score::UnitCtx) -> Vec<f32> {
-        u.pos.iter().map(|&p| p as f32).collect()
     }
 }
 
@@ -584,6 +860,37 @@ mod tests {
         assert!(Policy::parse("snapkv", &["ratio=0.5", "tokens=10"]).is_err());
         assert!(Policy::parse("snapkv", &["noequals"]).is_err());
         assert!(Policy::parse("none", &["ratio=0.5"]).is_err());
+    }
+
+    /// The device recipe comes from the stage itself: dbudget's window ranker pools on CUDA as
+    /// on the CPU (the hand-kept CUDA copy of the recipes scored it unpooled).
+    #[test]
+    fn device_recipe_is_the_stage_s() {
+        use crate::score::DeviceScore;
+        let p = Policy::parse("dbudget", &[]).unwrap();
+        assert_eq!(
+            p.scorer.as_ref().unwrap().device(),
+            DeviceScore::Window {
+                kernel: 7,
+                max_pool: true,
+                gqa: GqaReduce::Mean
+            }
+        );
+        assert!(p.rule.needs_newest_attention());
+        let p = Policy::parse("dbudget", &["ranker=position"]).unwrap();
+        assert_eq!(p.scorer.as_ref().unwrap().device(), DeviceScore::Position);
+        let p = Policy::parse("snapkv", &["pool=5", "pooling=avg", "gqa=max"]).unwrap();
+        assert_eq!(
+            p.scorer.as_ref().unwrap().device(),
+            DeviceScore::Window {
+                kernel: 5,
+                max_pool: false,
+                gqa: GqaReduce::Max
+            }
+        );
+        assert!(!p.rule.needs_newest_attention());
+        let p = Policy::parse("gvote", &[]).unwrap();
+        assert_eq!(p.scorer.as_ref().unwrap().device(), DeviceScore::Host);
     }
 
     #[test]

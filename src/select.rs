@@ -8,6 +8,19 @@
 //!
 //! Tie rule (everywhere): equal scores keep the newer cell (higher position) first.
 
+use crate::score::ScoreGrid;
+
+/// Where the keep sets apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    /// the same cells in every layer and head; cells are freed
+    Token,
+    /// a keep set per layer; cells no layer keeps are freed
+    Layer,
+    /// a keep set per (layer, KV head); cells no head keeps are freed
+    Head,
+}
+
 /// Cells that are always kept: the `sinks` oldest held cells, the `recent` newest, position 0
 /// and the newest cell.
 pub fn protected(pos: &[i32], sinks: usize, recent: usize) -> Vec<bool> {
@@ -120,6 +133,116 @@ pub fn project(ranking: &[f32], pos: &[i32], prot: &[bool], budget: usize) -> Ve
         keep[i] = true;
     }
     keep
+}
+
+/// What [`select`] needs for one sequence.
+pub struct SelectIn<'a> {
+    /// the scorer's output
+    pub grid: &'a ScoreGrid,
+    /// per unit, [`unit_ranks`] of its scores
+    pub ranks: &'a [Vec<u32>],
+    /// per unit, its candidate budget (the allocator's split)
+    pub budgets: &'a [usize],
+    /// positions of the held cells
+    pub pos: &'a [i32],
+    /// always-kept cells
+    pub protected: &'a [bool],
+    /// cells to keep in all (token granularity)
+    pub target: usize,
+    /// the engine's cap (0 = none)
+    pub max_cells: usize,
+    /// where the keep sets apply
+    pub granularity: Granularity,
+    /// the rule's token ranking, when its verdict applies (not when a cap cut below it)
+    pub verdict: Option<Vec<f32>>,
+    /// every unit gets the same budget (the allocator is uniform)
+    pub uniform: bool,
+}
+
+/// The keep sets of one plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    /// per held cell: kept
+    pub keep: Vec<bool>,
+    /// per unit: kept (what a per-layer/per-head mask holds)
+    pub unit_keep: Vec<Vec<bool>>,
+    /// per layer: cells it keeps
+    pub layer_kept: Vec<u32>,
+}
+
+/// Keep sets from ranks and budgets: the unit sets (shared per layer at layer granularity), then
+/// the cells to keep: at token granularity the projection of one token ranking onto `target`
+/// cells; at layer/head granularity the union of the unit sets, trimmed to the cells most units
+/// keep when that union is over the engine's cap.
+pub fn select(c: SelectIn) -> Selection {
+    let grid = c.grid;
+    let (n_layer, h) = (grid.n_layer, grid.n_head_kv);
+    let n = c.pos.len();
+    let prot = c.protected;
+    let mut sets: Vec<Vec<bool>> = c
+        .ranks
+        .iter()
+        .zip(c.budgets)
+        .map(|(r, &b)| keep_from_ranks(r, prot, b))
+        .collect();
+    if c.granularity == Granularity::Layer {
+        // one keep set per layer, shared by its KV heads (a per-layer mask): the cells ranked
+        // by the mean of the heads' scores, the layer's budget the mean of theirs
+        for l in 0..n_layer {
+            let units = l * h..(l + 1) * h;
+            let mean: Vec<f32> = (0..n)
+                .map(|i| units.clone().map(|u| grid.units[u][i]).sum::<f32>() / h as f32)
+                .collect();
+            let b = (c.budgets[units.clone()].iter().sum::<usize>() + h / 2) / h;
+            let k = unit_keep(&mean, c.pos, prot, b);
+            for u in units {
+                sets[u].clone_from(&k);
+            }
+        }
+    }
+    let keep = match c.granularity {
+        Granularity::Token => {
+            // an adaptive rule's ranking carries its verdict (which cells its budget covers);
+            // when the cap binds below that budget the verdict does not apply, and cells rank
+            // by their best rank in any unit like every uniform policy
+            let ranking = match c.verdict {
+                Some(r) => r,
+                None if c.uniform => best_rank_ranking(c.ranks, &grid.token_mean()),
+                None => votes_ranking(&sets, &grid.token_mean()),
+            };
+            project(&ranking, c.pos, prot, c.target)
+        }
+        // finer granularities free only what no unit keeps; when that union is over the
+        // engine's cap, the cells most units keep win and the unit sets are trimmed to them
+        Granularity::Layer | Granularity::Head => {
+            let mut k = pinned(c.pos);
+            for uk in &sets {
+                k.iter_mut().zip(uk).for_each(|(a, &b)| *a |= b);
+            }
+            let held = k.iter().filter(|&&x| x).count();
+            if c.max_cells > 0 && held > c.max_cells {
+                let ranking = votes_ranking(&sets, &grid.token_mean());
+                k = project(&ranking, c.pos, prot, c.target.min(c.max_cells));
+                for uk in &mut sets {
+                    uk.iter_mut().zip(&k).for_each(|(a, &b)| *a &= b);
+                }
+            }
+            k
+        }
+    };
+    let layer_kept = (0..n_layer)
+        .map(|l| match c.granularity {
+            Granularity::Token => keep.iter().filter(|&&k| k).count() as u32,
+            _ => (0..n)
+                .filter(|&i| (0..h).any(|g| sets[l * h + g][i]))
+                .count() as u32,
+        })
+        .collect();
+    Selection {
+        keep,
+        unit_keep: sets,
+        layer_kept,
+    }
 }
 
 #[cfg(test)]

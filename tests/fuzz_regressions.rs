@@ -50,3 +50,38 @@ fn driver_runs_empty_and_short_inputs() {
     driver::run(&[0; 64]);
     driver::run(&[0xff; 64]);
 }
+
+/// The driver's parameter lists cover the policy table: every parameter of every preset is a
+/// key the driver writes and has values in VALID, and each of those values is one the table's
+/// range accepts for at least one preset (policy names come from the table itself).
+#[test]
+fn driver_covers_the_policy_table() {
+    use kvcompress::policy::{BudgetKind, PRESETS};
+    for preset in &PRESETS {
+        for param in preset.params() {
+            assert!(
+                driver::KEYS.contains(&param.key),
+                "fuzz/driver.rs KEYS lacks `{}` ({})",
+                param.key,
+                preset.name
+            );
+            assert!(
+                driver::VALID.iter().any(|(k, _)| *k == param.key),
+                "fuzz/driver.rs VALID lacks `{}` ({})",
+                param.key,
+                preset.name
+            );
+        }
+    }
+    for (key, values) in driver::VALID {
+        for v in *values {
+            let kv = format!("{key}={v}");
+            let ok = PRESETS
+                .iter()
+                .filter(|p| p.budget != BudgetKind::Off)
+                .filter(|p| p.params().iter().any(|x| x.key == *key))
+                .any(|p| kvcompress::Policy::parse(p.name, &[&kv]).is_ok());
+            assert!(ok, "fuzz/driver.rs VALID: no preset accepts {kv}");
+        }
+    }
+}

@@ -930,3 +930,16 @@ fn shape_and_position_errors() {
         Err(Error::NullArgument(_))
     ));
 }
+
+/// eval/policies.json is the policy table as `kvcompress::policy::table_json` writes it
+/// (regenerate with `cargo run --release --example gen_policies`).
+#[test]
+fn eval_policy_table_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("eval/policies.json");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == kvcompress::policy::table_json(),
+        "{} is stale: run `cargo run --release --example gen_policies`",
+        path.display()
+    );
+}

@@ -8,6 +8,7 @@ mod common;
 
 use common::{gen_case, kept_flags, run, Case, Pattern, PATTERNS};
 use kvcompress::budget::{walk_drops, Ada, Allocator, Dynamic, Pyramid, Uniform};
+use kvcompress::policy::{BudgetKind, Preset, PRESETS};
 use kvcompress::reference;
 use kvcompress::score::{GqaReduce, ScoreGrid, Scorer, UnitCtx, WindowAttention};
 use kvcompress::select;
@@ -28,19 +29,51 @@ const N_CELLS: RangeInclusive<usize> = 1..=40;
 /// Captured query rows.
 const N_QUERIES: RangeInclusive<usize> = 1..=8;
 
-/// Policies with a user-set budget (`tokens=`).
-const FIXED: &[&str] = &[
-    "streaming",
-    "h2o",
-    "snapkv",
-    "tova",
-    "knorm",
-    "pyramidkv",
-    "dynamickv",
-    "adakv",
-];
-/// Top-k policies whose keep set should grow with the budget.
-const TOP_K: &[&str] = &["streaming", "h2o", "snapkv", "tova", "knorm"];
+/// Policies with a user-set budget (`tokens=`), from the policy table.
+fn fixed_policies() -> Vec<&'static str> {
+    PRESETS
+        .iter()
+        .filter(|p| p.budget == BudgetKind::Fixed)
+        .map(|p| p.name)
+        .collect()
+}
+
+/// Top-k policies whose keep set should grow with the budget: the fixed ones whose allocator
+/// gives every unit the same budget.
+fn top_k_policies() -> Vec<&'static str> {
+    fixed_policies()
+        .into_iter()
+        .filter(|n| {
+            kvcompress::Policy::parse(n, &[])
+                .unwrap()
+                .allocator
+                .uniform()
+        })
+        .collect()
+}
+
+/// The table's lists as the generators use them (built once).
+static FIXED: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(fixed_policies);
+static TOP_K: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(top_k_policies);
+
+/// The lists the property tests were written against: a new preset joins them through the table.
+#[test]
+fn table_lists() {
+    assert_eq!(
+        *FIXED,
+        [
+            "streaming",
+            "h2o",
+            "snapkv",
+            "tova",
+            "knorm",
+            "pyramidkv",
+            "dynamickv",
+            "adakv"
+        ]
+    );
+    assert_eq!(*TOP_K, ["streaming", "h2o", "snapkv", "tova", "knorm"]);
+}
 
 fn config() -> Config {
     Config {
@@ -674,9 +707,9 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let name = kvcompress::POLICY_NAMES[which];
-        let p: &[&str] = match name {
-            "dbudget" | "gvote" => &["sinks=1", "window=2", "interval=3"],
-            _ => &["sinks=1", "window=2", "interval=3", "ratio=0.5"],
+        let p: &[&str] = match Preset::find(name).unwrap().budget {
+            BudgetKind::Fixed => &["sinks=1", "window=2", "interval=3", "ratio=0.5"],
+            _ => &["sinks=1", "window=2", "interval=3"],
         };
         let mut ev = common::evictor(shape, name, p, 1);
         let mut rng = common::Rng::new(seed);

@@ -24,12 +24,10 @@
 //! that stream before returning: nothing of ours is in flight when a call returns, and the engine
 //! may overwrite K at once. Calls are serialized by a mutex.
 
-use crate::backend::{cpu, Parallelism};
+pub use super::{UnitOut, UnitsIn};
 use crate::error::{Error, Result};
-use crate::policy::Policy;
-use crate::score::{GqaReduce, UnitCtx};
-use crate::state::QueryRow;
-use crate::view::{Dtype, Keys, Shape};
+use crate::score::{DeviceScore as Recipe, GqaReduce, UnitCtx};
+use crate::view::{Dtype, Keys};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -58,9 +56,6 @@ const MAX_HEAD_DIM: usize = 512;
 const BLOCK: u32 = 128;
 /// Threads per block of the element-wise score kernels.
 const BLOCK_EW: u32 = 256;
-
-/// Per-unit output: scores and, for rules that need it, evidence.
-pub type UnitOut = (Vec<f32>, Option<Vec<f32>>);
 
 /// An opened device with the kernels loaded.
 pub struct Gpu {
@@ -256,81 +251,6 @@ pub fn kernels_built() -> bool {
     !kernels::MODULES.is_empty()
 }
 
-/// Everything the device path needs for one plan of one sequence.
-pub struct UnitsIn<'a> {
-    /// the policy (its name and resolved parameters select the device recipe)
-    pub policy: &'a Policy,
-    /// model geometry
-    pub shape: &'a Shape,
-    /// K in device memory
-    pub keys: &'a Keys<'a>,
-    /// positions of the held cells
-    pub pos: &'a [i32],
-    /// the query rows the scorer asked for, oldest first
-    pub queries: &'a [&'a QueryRow],
-    /// carried scores per unit (H2O)
-    pub carry: Option<&'a [Vec<f32>]>,
-    /// always-kept cells
-    pub protected: &'a [bool],
-    /// parallelism of the host-side fallback scorers
-    pub par: &'a Parallelism,
-}
-
-/// How the scores of a policy are made on the device.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Recipe {
-    /// mean received attention per row, GQA fold, pooling (SnapKV family, TOVA, DBudgetKV ranker)
-    Window {
-        kernel: usize,
-        max_pool: bool,
-        gqa: GqaReduce,
-    },
-    /// received attention summed over rows, GQA fold, plus the carried scores (H2O)
-    Accumulated { gqa: GqaReduce },
-    /// `-||k||`
-    KeyNorm,
-    /// position (DBudgetKV's position ranker)
-    Position,
-    /// gather on the device, score on the host (GVote and anything unknown)
-    Host,
-}
-
-fn resolved<'p>(p: &'p Policy, key: &str) -> Option<&'p str> {
-    p.resolved
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
-fn recipe(p: &Policy) -> (Recipe, bool) {
-    let gqa = match resolved(p, "gqa") {
-        Some("max") => GqaReduce::Max,
-        _ => GqaReduce::Mean,
-    };
-    let window = |kernel: usize, max_pool: bool| Recipe::Window {
-        kernel,
-        max_pool,
-        gqa,
-    };
-    match p.name {
-        "snapkv" | "pyramidkv" | "dynamickv" | "adakv" => {
-            let kernel = resolved(p, "pool").and_then(|v| v.parse().ok());
-            match kernel {
-                Some(k) => (window(k, resolved(p, "pooling") != Some("avg")), false),
-                None => (Recipe::Host, false),
-            }
-        }
-        "tova" => (window(1, true), false),
-        "h2o" => (Recipe::Accumulated { gqa }, false),
-        "knorm" => (Recipe::KeyNorm, false),
-        "dbudget" => match resolved(p, "ranker") {
-            Some("position") => (Recipe::Position, true),
-            _ => (window(1, true), true),
-        },
-        _ => (Recipe::Host, false),
-    }
-}
-
 fn grid(n: usize, block: u32, y: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u32).div_ceil(block).max(1), y as u32, 1),
@@ -384,6 +304,9 @@ pub fn score_units(inp: &UnitsIn) -> Result<Vec<UnitOut>> {
 
 fn run(gpu: &Gpu, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
     let shape = inp.shape;
+    let keys: &Keys = inp.keys.ok_or(Error::NullArgument(
+        "keys (the CUDA backend reads K on the device)",
+    ))?;
     let (n_layer, n_kv, d) = (shape.n_layer, shape.n_head_kv, shape.head_dim);
     let group = shape.group();
     let n = inp.pos.len();
@@ -396,14 +319,17 @@ fn run(gpu: &Gpu, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
             "head_dim={d} exceeds the CUDA kernels' limit of {MAX_HEAD_DIM}"
         )));
     }
-    let (recipe, want_evidence) = recipe(inp.policy);
+    // the stages state what they need: the scorer its kernel, GQA fold and pooling; the rule
+    // whether it reads the newest query's attention
+    let recipe = inp.scorer.device();
+    let want_evidence = inp.rule.needs_newest_attention();
     gpu.ctx
         .bind_to_thread()
         .map_err(drv("binding the context"))?;
-    for (il, l) in inp.keys.layers.iter().enumerate() {
+    for (il, l) in keys.layers.iter().enumerate() {
         check_device_pointer(gpu, il, l.base as u64)?;
     }
-    let rows_d = st.clone_htod(inp.keys.rows).map_err(drv("upload"))?;
+    let rows_d = st.clone_htod(keys.rows).map_err(drv("upload"))?;
 
     // pass 0, every policy: finiteness (and KnormPress' norms)
     let mut sq_d = st.alloc_zeros::<f32>(n_kv * n).map_err(drv("alloc"))?;
@@ -418,7 +344,7 @@ fn run(gpu: &Gpu, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
             0
         }
     ];
-    for (il, l) in inp.keys.layers.iter().enumerate() {
+    for (il, l) in keys.layers.iter().enumerate() {
         let f = gpu.f(&format!("key_norms_{}", suffix(l.dtype)))?;
         let (base, stride) = (l.base as u64, l.row_stride as u64);
         let (n_i, d_i) = (n as i32, d as i32);
@@ -484,7 +410,7 @@ fn run(gpu: &Gpu, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
     let n_vis: Vec<i32> = inp
         .queries
         .iter()
-        .map(|r| cpu::visible(inp.pos, r.pos) as i32)
+        .map(|r| crate::kernels::visible(inp.pos, r.pos) as i32)
         .collect();
     let prot: Vec<u8> = inp.protected.iter().map(|&p| p as u8).collect();
     let q_d = st.clone_htod(&q).map_err(drv("upload"))?;
@@ -509,7 +435,7 @@ fn run(gpu: &Gpu, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
     let (n_i, d_i, rows_i, group_i) = (n as i32, d as i32, n_rows as i32, group as i32);
     let (q_stride_i, scale) = (q_stride as i64, shape.kq_scale);
     let (chunks_i, total_i) = (n_chunks as i32, (n_kv * nq) as i32);
-    for (il, l) in inp.keys.layers.iter().enumerate() {
+    for (il, l) in keys.layers.iter().enumerate() {
         let (base, stride) = (l.base as u64, l.row_stride as u64);
         let q_off = (il * shape.q_row_len()) as i64;
         let sfx = suffix(l.dtype);
@@ -641,15 +567,14 @@ fn add_carry(out: &mut [UnitOut], carry: Option<&[Vec<f32>]>) {
 fn host_units(gpu: &Gpu, inp: &UnitsIn, rows_d: &CudaSlice<u32>) -> Result<Vec<UnitOut>> {
     let shape = inp.shape;
     let (n_kv, d, n) = (shape.n_head_kv, shape.head_dim, inp.pos.len());
-    let scorer = inp
-        .policy
-        .scorer
-        .as_deref()
-        .ok_or_else(|| unavailable("a policy without a scorer reads no K"))?;
+    let scorer = inp.scorer;
+    let keys: &Keys = inp.keys.ok_or(Error::NullArgument(
+        "keys (the CUDA backend reads K on the device)",
+    ))?;
     let st = &gpu.stream;
     let mut buf_d = st.alloc_zeros::<f32>(n_kv * d * n).map_err(drv("alloc"))?;
     let mut out = Vec::with_capacity(shape.n_layer * n_kv);
-    for (il, l) in inp.keys.layers.iter().enumerate() {
+    for (il, l) in keys.layers.iter().enumerate() {
         let (base, stride) = (l.base as u64, l.row_stride as u64);
         let (n_i, d_i) = (n as i32, d as i32);
         let f = gpu.f(&format!("gather_t_{}", suffix(l.dtype)))?;
@@ -675,7 +600,7 @@ fn host_units(gpu: &Gpu, inp: &UnitsIn, rows_d: &CudaSlice<u32>) -> Result<Vec<U
                 carry: inp.carry.map(|c| c[il * n_kv + g].as_slice()),
                 protected: inp.protected,
             };
-            (scorer.score_unit(&ctx), inp.policy.rule.unit_evidence(&ctx))
+            (scorer.score_unit(&ctx), inp.rule.unit_evidence(&ctx))
         });
         out.extend(units);
     }

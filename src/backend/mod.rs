@@ -1,9 +1,21 @@
 //! Where the per-(layer, KV head) work runs: the CPU (rayon, with a serial switch) or, with the
-//! `cuda` feature, the GPU.
+//! `cuda` feature, the GPU. [`score_units`] is the one entry point: the scorer's and the rule's
+//! device recipes ([`Scorer::device`], [`BudgetRule::needs_newest_attention`]) say what a device
+//! computes, so a backend never sees a policy or its parameters. Without the `cuda` feature a
+//! stub answers [`Error::CudaUnavailable`](crate::Error::CudaUnavailable).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+mod cuda;
+
+use crate::budget::BudgetRule;
+use crate::error::Result;
+use crate::score::Scorer;
+use crate::state::QueryRow;
+use crate::view::{Keys, Shape};
 
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -27,6 +39,48 @@ impl Backend {
                 "backend code {other} (expected CPU=0 or CUDA=1)"
             ))),
         }
+    }
+}
+
+/// Scores and, for rules that need it, evidence of one unit.
+pub type UnitOut = (Vec<f32>, Option<Vec<f32>>);
+
+/// Everything a backend needs to score every unit of one sequence.
+pub struct UnitsIn<'a> {
+    /// stage 2 (its device recipe: [`Scorer::device`])
+    pub scorer: &'a dyn Scorer,
+    /// stage 3's total rule, for its per-unit evidence
+    pub rule: &'a dyn BudgetRule,
+    /// model geometry
+    pub shape: &'a Shape,
+    /// K (host or device memory, as the backend expects); `None` for scorers that read no K
+    pub keys: Option<&'a Keys<'a>>,
+    /// positions of the held cells
+    pub pos: &'a [i32],
+    /// the query rows the scorer asked for, oldest first
+    pub queries: &'a [&'a QueryRow],
+    /// carried scores per unit (accumulating scorers)
+    pub carry: Option<&'a [Vec<f32>]>,
+    /// always-kept cells
+    pub protected: &'a [bool],
+    /// parallelism of the host-side work
+    pub par: &'a Parallelism,
+}
+
+/// Fail unless `backend` can run here (CUDA: the feature is compiled in and a device opens).
+pub fn probe(backend: Backend) -> Result<()> {
+    match backend {
+        Backend::Cpu => Ok(()),
+        Backend::Cuda => cuda::probe(),
+    }
+}
+
+/// Scores (and evidence) of every unit `(layer, kv_head)`, in unit order. K in device memory is
+/// scored by the CUDA backend; a scorer that reads no K runs on the CPU whatever the backend.
+pub fn score_units(backend: Backend, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
+    match (backend, inp.keys) {
+        (Backend::Cuda, Some(_)) => cuda::score_units(inp),
+        _ => cpu::score_units(inp),
     }
 }
 

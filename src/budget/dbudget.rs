@@ -5,7 +5,8 @@
 //! candidate cells (protected cells zeroed). The retained norm after removing a set `R` is
 //! `kept_l(R) = mean_h ||a_lh without R||_2`, and `drop_l = 1 - kept_l(R) / kept_l(∅)`.
 //!
-//! Token-granularity projection (DESIGN.md §2): one global ranking (each cell's best rank over
+//! Token-granularity projection (llama.cpp frees the same cells in every layer and head, see
+//! `crate::select`): one global ranking (each cell's best rank over
 //! the units, ties by the mean normalized window score: a cell one head needs badly outranks a
 //! cell every head finds middling, which is how a needle survives) is walked from the bottom, and the walk stops *before* the first cell
 //! whose removal would push any layer's drop above `T`. So every layer keeps its own guarantee.
@@ -38,6 +39,10 @@ impl BudgetRule for DBudget {
             );
         }
         Some(out)
+    }
+
+    fn needs_newest_attention(&self) -> bool {
+        true
     }
 
     fn decide(&self, c: &DecideCtx) -> Decision {

@@ -46,6 +46,12 @@ pub trait BudgetRule: Send + Sync {
     fn unit_evidence(&self, _u: &UnitCtx) -> Option<Vec<f32>> {
         None
     }
+    /// The device recipe of [`unit_evidence`](Self::unit_evidence): whether the rule needs the
+    /// squared attention of the newest query row per query head, protected cells zeroed
+    /// (`[group][n]` per unit), which a device backend computes in its attention pass.
+    fn needs_newest_attention(&self) -> bool {
+        false
+    }
     /// The verdict.
     fn decide(&self, c: &DecideCtx) -> Decision;
     /// True when the budget emerges from the input rather than from a user-set size.

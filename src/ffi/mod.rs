@@ -62,6 +62,35 @@ pub mod status {
 }
 pub use status::*;
 
+impl Error {
+    /// The fixed C status code of this error.
+    pub fn status(&self) -> kvc_status {
+        match self {
+            Error::NullArgument(_) => KVC_STATUS_NULL_ARGUMENT,
+            Error::InvalidShape(_) => KVC_STATUS_INVALID_SHAPE,
+            Error::UnsupportedDtype(_) => KVC_STATUS_UNSUPPORTED_DTYPE,
+            Error::NonFinite { .. } => KVC_STATUS_NON_FINITE_INPUT,
+            Error::UnknownPolicy(_) => KVC_STATUS_UNKNOWN_POLICY,
+            Error::UnknownParam { .. } => KVC_STATUS_UNKNOWN_PARAM,
+            Error::InvalidParamValue { .. } => KVC_STATUS_INVALID_PARAM_VALUE,
+            Error::BufferTooSmall { .. } => KVC_STATUS_BUFFER_TOO_SMALL,
+            Error::CudaUnavailable(_) => KVC_STATUS_CUDA_UNAVAILABLE,
+            Error::AbiMismatch { .. } => KVC_STATUS_ABI_MISMATCH,
+            Error::InvalidUtf8(_) => KVC_STATUS_INVALID_UTF8,
+            Error::Panic(_) => KVC_STATUS_PANIC,
+        }
+    }
+
+    /// The message handed to C callers: the error's text, with the known names after an
+    /// unknown policy.
+    pub fn c_message(&self) -> String {
+        match self {
+            Error::UnknownPolicy(_) => format!("{self} (known: {})", POLICY_NAMES.join(", ")),
+            _ => self.to_string(),
+        }
+    }
+}
+
 /// Element type of K: `KVC_DTYPE_F32`, `KVC_DTYPE_F16` or `KVC_DTYPE_BF16`.
 pub type kvc_dtype = u32;
 /// 32-bit float
@@ -168,7 +197,7 @@ pub struct kvc_evictor {
 
 impl kvc_evictor {
     fn set_error(&self, e: &Error) {
-        let msg = e.to_string().replace('\0', " ");
+        let msg = e.c_message().replace('\0', " ");
         *self.last_error.borrow_mut() = CString::new(msg).unwrap_or_default();
     }
 }
@@ -225,7 +254,7 @@ pub unsafe extern "C" fn kvc_evictor_init(
     err_len: usize,
 ) -> kvc_status {
     guard(
-        |e| write_msg(err, err_len, &e.to_string()),
+        |e| write_msg(err, err_len, &e.c_message()),
         || {
             if params.is_null() {
                 return Err(Error::NullArgument("params"));
@@ -569,7 +598,7 @@ pub unsafe extern "C" fn kvc_policy_check(
     err_len: usize,
 ) -> kvc_status {
     guard(
-        |e| write_msg(err, err_len, &e.to_string()),
+        |e| write_msg(err, err_len, &e.c_message()),
         || {
             let name = c_str(policy, "policy")?;
             let overrides = c_str_array(kv, n_kv, "kv")?;

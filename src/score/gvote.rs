@@ -1,5 +1,7 @@
 //! GVote (arXiv 2509.03136): sample plausible *future* queries and let each vote for the keys
-//! it needs; the union of the votes is what must stay.
+//! it needs. The paper keeps the union of the votes; here the rule
+//! (`budget::Vote`) keeps the cells a quorum of (layer, KV head) units votes for
+//! (`quorum=0.35` by default; `quorum=0` is the union).
 //!
 //! The paper fits a Gaussian to normalized hidden states and projects samples through W_q.
 //! The library never sees hidden states or weights, so it fits the Gaussian directly to the
@@ -9,7 +11,7 @@
 //! all held keys (a future query sees every cached key).
 
 use super::{QuerySel, Scorer, UnitCtx};
-use crate::backend::cpu;
+use crate::kernels;
 
 /// The GVote scorer: per cell, the fraction of (query head, sample) nuclei that contain it.
 #[derive(Debug, Clone)]
@@ -78,7 +80,7 @@ impl Scorer for GVote {
         let mut cast = |q: &[f32], votes: &mut [u32]| {
             marks.iter_mut().for_each(|m| *m = false);
             if u.attend(q, i32::MAX, &mut probs) {
-                cpu::mark_nucleus(&probs, self.p, &mut marks, &mut scratch);
+                kernels::mark_nucleus(&probs, self.p, &mut marks, &mut scratch);
                 votes
                     .iter_mut()
                     .zip(&marks)
@@ -119,7 +121,7 @@ impl Scorer for GVote {
             .iter()
             .map(|&v| v as f32 / ballots.max(1) as f32)
             .collect();
-        cpu::pool1d(&shares, self.kernel, true)
+        kernels::pool1d(&shares, self.kernel, true)
     }
 }
 

@@ -9,10 +9,10 @@ mod simple;
 mod window;
 
 pub use gvote::GVote;
-pub use simple::{KeyNorm, Position};
+pub use simple::{KeyNorm, Position, PositionWithQueries};
 pub use window::{Accumulated, WindowAttention};
 
-use crate::backend::cpu;
+use crate::kernels;
 use crate::state::QueryRow;
 use crate::view::Shape;
 
@@ -47,6 +47,33 @@ impl GqaReduce {
         }
         out
     }
+}
+
+/// How a device backend computes a scorer's unit scores: the kernel and the folding/pooling it
+/// needs, stated by the scorer itself so a backend never rebuilds a policy from its parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeviceScore {
+    /// attention each cell receives from the rows, averaged over the rows, reduced over the GQA
+    /// group, then pooled along the cells with an odd `kernel` (1 = none)
+    Window {
+        /// pooling kernel (odd; 1 = none)
+        kernel: usize,
+        /// max pooling (true) or average
+        max_pool: bool,
+        /// group reduction
+        gqa: GqaReduce,
+    },
+    /// attention received summed over the rows, GQA fold, plus the carried scores
+    Accumulated {
+        /// group reduction
+        gqa: GqaReduce,
+    },
+    /// `-||k||`
+    KeyNorm,
+    /// the cell's position
+    Position,
+    /// no device kernel: the backend gathers the unit's keys and runs [`Scorer::score_unit`]
+    Host,
 }
 
 /// Which of the remembered query rows a scorer reads.
@@ -100,8 +127,8 @@ impl UnitCtx<'_> {
     }
 
     /// The unit's keys as the CPU kernels read them (transposed, `[head_dim][n]`).
-    pub fn keys_t(&self) -> cpu::KeysT<'_> {
-        cpu::KeysT {
+    pub fn keys_t(&self) -> kernels::KeysT<'_> {
+        kernels::KeysT {
             data: self.keys,
             n: self.n(),
             d: self.shape.head_dim,
@@ -111,12 +138,12 @@ impl UnitCtx<'_> {
     /// Attention row of query head `h` of `row` over the held keys (causal), into `out`.
     /// Returns false (and zeros) when no key is visible.
     pub fn attend(&self, q: &[f32], qpos: i32, out: &mut [f32]) -> bool {
-        let n_vis = cpu::visible(self.pos, qpos);
+        let n_vis = kernels::visible(self.pos, qpos);
         if n_vis == 0 {
             out.iter_mut().for_each(|v| *v = 0.0);
             return false;
         }
-        cpu::attention_rows(
+        kernels::attention_rows(
             &[(q, n_vis)],
             self.keys_t(),
             self.shape.kq_scale,
@@ -133,9 +160,9 @@ impl UnitCtx<'_> {
                 let mut acc = vec![0.0f32; n];
                 let qs: Vec<(&[f32], usize)> = rows
                     .iter()
-                    .map(|r| (self.q(r, h), cpu::visible(self.pos, r.pos)))
+                    .map(|r| (self.q(r, h), kernels::visible(self.pos, r.pos)))
                     .collect();
-                cpu::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, |_, row| {
+                kernels::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, |_, row| {
                     acc.iter_mut().zip(row).for_each(|(a, p)| *a += p)
                 });
                 acc
@@ -158,6 +185,11 @@ pub trait Scorer: Send + Sync {
     }
     /// Score one unit: one value per held cell.
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32>;
+    /// The device recipe of [`score_unit`](Self::score_unit); [`DeviceScore::Host`] (the
+    /// default) runs the CPU arithmetic on keys gathered by the device.
+    fn device(&self) -> DeviceScore {
+        DeviceScore::Host
+    }
 }
 
 /// Scores of every unit: `units[layer * n_head_kv + kv_head][cell]`.

@@ -1,6 +1,6 @@
 //! Scorers that need no queries.
 
-use super::{QuerySel, Scorer, UnitCtx};
+use super::{DeviceScore, QuerySel, Scorer, UnitCtx};
 
 /// StreamingLLM: newer is more important; with the always-kept sinks this keeps
 /// "sinks + most recent".
@@ -16,6 +16,9 @@ impl Scorer for Position {
     }
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
         u.pos.iter().map(|&p| p as f32).collect()
+    }
+    fn device(&self) -> DeviceScore {
+        DeviceScore::Position
     }
 }
 
@@ -36,5 +39,28 @@ impl Scorer for KeyNorm {
             sq.iter_mut().zip(dim).for_each(|(s, v)| *s += v * v);
         }
         sq.iter().map(|s| -s.sqrt()).collect()
+    }
+    fn device(&self) -> DeviceScore {
+        DeviceScore::KeyNorm
+    }
+}
+
+/// The position ranking (oldest first) that still asks for the newest `window` query rows,
+/// because a rule measures their attention (DBudgetKV's `ranker=position`, ReFreeKV v3/v4).
+#[derive(Debug, Clone)]
+pub struct PositionWithQueries {
+    /// query rows wanted per call
+    pub window: usize,
+}
+
+impl Scorer for PositionWithQueries {
+    fn queries(&self) -> QuerySel {
+        QuerySel::Last(self.window)
+    }
+    fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
+        u.pos.iter().map(|&p| p as f32).collect()
+    }
+    fn device(&self) -> DeviceScore {
+        DeviceScore::Position
     }
 }

@@ -1,7 +1,7 @@
 //! Scorers built on the attention the newest queries pay to each cell.
 
-use super::{GqaReduce, QuerySel, Scorer, UnitCtx};
-use crate::backend::cpu;
+use super::{DeviceScore, GqaReduce, QuerySel, Scorer, UnitCtx};
+use crate::kernels;
 
 /// Attention mass from the last `window` queries, averaged over those rows, reduced over the
 /// GQA group and optionally pooled along the sequence.
@@ -32,7 +32,14 @@ impl Scorer for WindowAttention {
             h.iter_mut().for_each(|v| *v /= rows);
         }
         let s = self.gqa.fold(&per_head);
-        cpu::pool1d(&s, self.kernel, self.max_pool)
+        kernels::pool1d(&s, self.kernel, self.max_pool)
+    }
+    fn device(&self) -> DeviceScore {
+        DeviceScore::Window {
+            kernel: self.kernel,
+            max_pool: self.max_pool,
+            gqa: self.gqa,
+        }
     }
 }
 
@@ -57,5 +64,8 @@ impl Scorer for Accumulated {
             Some(c) => fresh.iter().zip(c).map(|(a, b)| a + b).collect(),
             None => fresh,
         }
+    }
+    fn device(&self) -> DeviceScore {
+        DeviceScore::Accumulated { gqa: self.gqa }
     }
 }

@@ -1,0 +1,315 @@
+//! Numeric kernels of the CPU path: dot products, masked softmax rows, pooling, top-p nuclei.
+//! No policy knowledge: the scorers (`crate::score`) build every policy's arithmetic on these.
+//! Every policy's attention arithmetic goes through these few functions.
+// index loops keep the micro-kernels in the shape the vectorizer recognizes
+#![allow(clippy::needless_range_loop)]
+
+/// Dot product with eight independent accumulators so the compiler vectorizes it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `2^x`-based `exp` for `x <= 0` (softmax after max subtraction), branch-free so the compiler
+/// vectorizes loops over it; relative error below 2e-5. Inputs below -60 give exp(-60) (~1e-26):
+/// such weights carry no attention mass, and going lower would produce denormals after
+/// normalization, which are two orders of magnitude slower on x86.
+#[inline(always)]
+pub fn exp_neg(x: f32) -> f32 {
+    let t = x.max(-60.0) * std::f32::consts::LOG2_E;
+    let fi = t.floor();
+    let f = t - fi;
+    let p = 1.0
+        + f * (std::f32::consts::LN_2
+            + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * 0.001_333_355))));
+    f32::from_bits(((fi as i32 + 127) << 23) as u32) * p
+}
+
+/// K of one unit stored transposed, `[head_dim][n]`, so that scoring a query is a stream of
+/// vector multiply-adds over cells with no horizontal sums.
+#[derive(Debug, Clone, Copy)]
+pub struct KeysT<'a> {
+    /// `data[c * n + j]` = dimension `c` of cell `j`
+    pub data: &'a [f32],
+    /// cells
+    pub n: usize,
+    /// head size
+    pub d: usize,
+}
+
+/// Queries scored together by the micro-kernel.
+const QB: usize = 4;
+/// Cells per vector lane group.
+const KB: usize = 8;
+
+/// `out[r][j] = scale * q_r · k_j` for up to four queries over the first `n_vis` cells.
+#[inline(always)]
+fn logits4(qs: &[&[f32]], k: KeysT, n_vis: usize, scale: f32, out: &mut [Vec<f32>]) {
+    let (n, d) = (k.n, k.d);
+    let nq = qs.len();
+    // missing queries of a short batch repeat the last one; their rows are not written
+    let q: [&[f32]; QB] = std::array::from_fn(|r| &qs[r.min(nq - 1)][..d]);
+    let full = n_vis / KB * KB;
+    let mut j = 0;
+    while j < full {
+        let mut acc = [[0.0f32; KB]; QB];
+        for c in 0..d {
+            let kv: [f32; KB] = k.data[c * n + j..c * n + j + KB].try_into().unwrap();
+            for r in 0..QB {
+                let qc = q[r][c];
+                for l in 0..KB {
+                    acc[r][l] += qc * kv[l];
+                }
+            }
+        }
+        for (r, o) in out.iter_mut().enumerate().take(nq) {
+            let o: &mut [f32; KB] = (&mut o[j..j + KB]).try_into().unwrap();
+            for l in 0..KB {
+                o[l] = acc[r][l] * scale;
+            }
+        }
+        j += KB;
+    }
+    for j in full..n_vis {
+        for (r, o) in out.iter_mut().enumerate().take(nq) {
+            let mut s = 0.0f32;
+            for c in 0..d {
+                s += q[r][c] * k.data[c * n + j];
+            }
+            o[j] = s * scale;
+        }
+    }
+}
+
+/// Lane-parallel max and sum (a single accumulator would serialize the loop).
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; KB];
+    let chunks = x.chunks_exact(KB);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..KB {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    rest.iter()
+        .chain(m.iter())
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[inline(always)]
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut s = [0.0f32; KB];
+    let chunks = x.chunks_exact(KB);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..KB {
+            s[l] += c[l];
+        }
+    }
+    s.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// In place: softmax over `row[..n_vis]`, zeros beyond.
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32], n_vis: usize) {
+    let max = lanes_max(&row[..n_vis]);
+    for v in &mut row[..n_vis] {
+        *v = exp_neg(*v - max);
+    }
+    let inv = 1.0 / lanes_sum(&row[..n_vis]);
+    row[..n_vis].iter_mut().for_each(|v| *v *= inv);
+    row[n_vis..].iter_mut().for_each(|v| *v = 0.0);
+}
+
+#[inline(always)]
+fn attention_rows_impl(
+    qs: &[(&[f32], usize)],
+    k: KeysT,
+    scale: f32,
+    mut sink: impl FnMut(usize, &[f32]),
+) {
+    let mut bufs = vec![vec![0.0f32; k.n]; QB];
+    for (b, chunk) in qs.chunks(QB).enumerate() {
+        let n_vis = chunk.iter().map(|c| c.1).max().unwrap_or(0);
+        let vecs: Vec<&[f32]> = chunk.iter().map(|c| c.0).collect();
+        logits4(&vecs, k, n_vis, scale, &mut bufs);
+        for (r, &(_, nv)) in chunk.iter().enumerate() {
+            if nv == 0 {
+                continue;
+            }
+            softmax_in_place(&mut bufs[r], nv);
+            sink(b * QB + r, &bufs[r]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attention_rows_avx2(
+    qs: &[(&[f32], usize)],
+    k: KeysT,
+    scale: f32,
+    sink: &mut dyn FnMut(usize, &[f32]),
+) {
+    attention_rows_impl(qs, k, scale, sink)
+}
+
+/// Attention rows of several queries over the same keys: for each `(q, n_vis)` in `qs`, the
+/// softmax of `scale * q·k_j` over the first `n_vis` cells (0 beyond) is passed to
+/// `sink(index, row)`. Queries with `n_vis == 0` see nothing and are skipped.
+/// Uses AVX2 when the processor has it (checked at run time), so one binary serves every x86-64.
+pub fn attention_rows(
+    qs: &[(&[f32], usize)],
+    k: KeysT,
+    scale: f32,
+    mut sink: impl FnMut(usize, &[f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features the function is compiled for were detected on this processor.
+        unsafe { attention_rows_avx2(qs, k, scale, &mut sink) };
+        return;
+    }
+    attention_rows_impl(qs, k, scale, sink)
+}
+
+/// Number of keys a query at `qpos` may see: keys are sorted by position and visible when
+/// `pos <= qpos` (causal rule).
+#[inline]
+pub fn visible(key_pos: &[i32], qpos: i32) -> usize {
+    key_pos.partition_point(|&p| p <= qpos)
+}
+
+/// `out[j] = softmax_j(scale * q·k_j)` over the first `n_vis` keys, 0 beyond.
+/// `keys` is row-major `[n][d]`. Returns false (and zeros) when no key is visible.
+pub fn softmax_row(
+    q: &[f32],
+    keys: &[f32],
+    d: usize,
+    n_vis: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    let n = out.len();
+    debug_assert!(n_vis <= n && keys.len() >= n * d);
+    out[n_vis..].iter_mut().for_each(|v| *v = 0.0);
+    if n_vis == 0 {
+        return false;
+    }
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..n_vis {
+        let s = scale * dot(q, &keys[j * d..(j + 1) * d]);
+        out[j] = s;
+        if s > max {
+            max = s;
+        }
+    }
+    let mut sum = 0.0f32;
+    for v in &mut out[..n_vis] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    out[..n_vis].iter_mut().for_each(|v| *v *= inv);
+    true
+}
+
+/// 1-D pooling with odd `kernel`, stride 1, "same" padding (edges use the part of the window
+/// inside the row). `max`: max pooling, else average.
+pub fn pool1d(x: &[f32], kernel: usize, max: bool) -> Vec<f32> {
+    let n = x.len();
+    if kernel <= 1 || n == 0 {
+        return x.to_vec();
+    }
+    let h = kernel / 2;
+    (0..n)
+        .map(|i| {
+            let lo = i.saturating_sub(h);
+            let hi = (i + h + 1).min(n);
+            let w = &x[lo..hi];
+            if max {
+                w.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+            } else {
+                w.iter().sum::<f32>() / w.len() as f32
+            }
+        })
+        .collect()
+}
+
+/// Mark the smallest set of entries, largest first, whose mass reaches `p` (the top-p nucleus)
+/// of a probability row. Ties are taken by lower index first. Returns how many were marked.
+pub fn mark_nucleus(probs: &[f32], p: f32, marks: &mut [bool], scratch: &mut Vec<u32>) -> usize {
+    scratch.clear();
+    scratch.extend((0..probs.len() as u32).filter(|&j| probs[j as usize] > 0.0));
+    scratch.sort_unstable_by(|&a, &b| {
+        probs[b as usize]
+            .total_cmp(&probs[a as usize])
+            .then(a.cmp(&b))
+    });
+    let mut mass = 0.0f32;
+    let mut n = 0;
+    for &j in scratch.iter() {
+        if mass >= p {
+            break;
+        }
+        marks[j as usize] = true;
+        mass += probs[j as usize];
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..19).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..19).map(|i| 1.0 - i as f32 * 0.1).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-4);
+    }
+
+    #[test]
+    fn softmax_masks_future_keys() {
+        let keys = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let mut out = [9.0f32; 3];
+        assert!(softmax_row(&[1.0, 0.0], &keys, 2, 2, 1.0, &mut out));
+        assert_eq!(out[2], 0.0);
+        assert!((out[0] + out[1] - 1.0).abs() < 1e-6);
+        assert!(out[0] > out[1]);
+    }
+
+    #[test]
+    fn pooling_max_and_avg() {
+        let x = [0.0, 3.0, 0.0, 0.0, 1.0];
+        assert_eq!(pool1d(&x, 3, true), vec![3.0, 3.0, 3.0, 1.0, 1.0]);
+        assert_eq!(pool1d(&x, 3, false), vec![1.5, 1.0, 1.0, 1.0 / 3.0, 0.5]);
+    }
+
+    #[test]
+    fn nucleus_takes_largest_first() {
+        let probs = [0.1, 0.6, 0.3];
+        let mut marks = [false; 3];
+        let n = mark_nucleus(&probs, 0.8, &mut marks, &mut Vec::new());
+        assert_eq!(n, 2);
+        assert_eq!(marks, [false, true, true]);
+    }
+}
