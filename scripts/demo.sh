@@ -27,7 +27,7 @@ run() { # label ctx policy [params...]
     local label="$1" ctx="$2" policy="$3"; shift 3
     local extra=()
     for p in "$@"; do extra+=(--kv-policy-param "$p"); done
-    "$RUN" -m "$MODEL" -f "$OUT/prompt.txt" -n 8 -t "$THREADS" -c "$ctx" -b 512 --kv-policy "$policy" "${extra[@]}" \
+    "$RUN" -m "$MODEL" -f "$OUT/prompt.txt" -n 8 -t "$THREADS" -c "$ctx" --kv-policy "$policy" "${extra[@]}" \
         2> "$OUT/$label.log" | tail -n 1 > "$OUT/$label.json" || { echo "demo: run '$label' failed, see $OUT/$label.log" >&2; exit 1; }
 }
 
