@@ -17,7 +17,9 @@ answers.
    skipped, cells evicted > 0 and cells held + evicted == tokens decoded (--kv-policy-stats and the
    perf lines), cells held <= 512; per layer (pyramidkv granularity=layer, re-packed) too; at a
    roomy -c 4096, snapkv ratio=0.5 at prompt end holds about half the prompt. llama-server -c 512,
-   per-request dbudget and `--kv-policy` gvote: HTTP 200, held + evicted == tokens decoded.
+   per-request dbudget and `--kv-policy` gvote: HTTP 200, held + evicted == tokens decoded; a prompt
+   that diverges at its last token from the compressed cached one is re-processed (patch 0008: the
+   server compared the cells with the hybrid memory's position range, the recurrent part's).
 3. control: the same -c 512 run without a policy cannot take the prompt (llama-completion fails,
    the server answers 400), so the runs of 2 are the policy's work.
 """
@@ -145,10 +147,23 @@ try:
         c.check(st == 200 and kv.get("name") == (policy or "gvote") and evicted > 0 and held + evicted == decoded and held <= 512,
                 "  kv_policy %s: HTTP %d, held %d + evicted %d == tokens decoded %d (%r)"
                 % (policy or "gvote (--kv-policy)", st, held, evicted, decoded, k.err_msg(body) if st != 200 else ""))
+    # prompt cache: a prompt that diverges at its last token from a compressed cached one. The server
+    # keeps checkpoints of the recurrent state near the end of a prompt, so without the hybrid case of
+    # the divergence rule it restored one and reused 2K positions of cells chosen for the other text
+    # (the memory's position range is the recurrent part's: one position, never "compressed")
+    if up:
+        st1, _ = srv.req("/completion", {"prompt": prompt_text, "n_predict": 4, "temperature": 0, "cache_prompt": True})
+        other = prompt_text[:-len(" is")] + " was"
+        st2, body = srv.req("/completion", {"prompt": other, "n_predict": 4, "temperature": 0, "cache_prompt": True})
+        tm = body.get("timings", {}) if isinstance(body, dict) else {}
+        c.check(st1 == 200 and st2 == 200 and tm.get("cache_n", -1) == 0,
+                "  a prompt diverging at its end from the compressed cached one is re-processed (HTTP %d, %d; cache_n %s)"
+                % (st1, st2, tm.get("cache_n")))
 finally:
     log = srv.stop()
 cut = [l for l in log.splitlines() if "is cut to" in l]
 c.check(not cut, "  no sequence cut to make room (%s)" % cut[:1])
+c.check("the cached prompt was compressed" in log, "  the log says why it was re-processed")
 
 # ---- 3. control: without a policy the prompt does not fit ----
 p = completion(LFM2, "512", "--kv-policy", "none")
