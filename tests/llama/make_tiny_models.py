@@ -7,6 +7,8 @@
   attention KV cache), 2 layers.
 - `tiny-lfm2.gguf`: arch `lfm2` (hybrid: short-conv layers in the recurrent part, attention layers in a
   llama_kv_cache; llama_memory_hybrid), 4 layers: conv, attention, conv, attention.
+- `tiny-lfm2-swa.gguf`: the same with `lfm2.attention.sliding_window` = 128: every attention layer is
+  sliding-window (llama_memory_hybrid_iswa whose full-attention base cache has no layers).
 
 n_embd 64, random weights from a fixed seed (the same bytes on every run), the tokenizer of the test
 model (SmolLM2: its `tokenizer.*` keys are copied), so the same prompt files tokenize the same way.
@@ -213,8 +215,9 @@ def make_mamba(path, tok, n_vocab):
     write_gguf(path, kvs, w.tensors)
 
 
-def make_lfm2(path, tok, n_vocab):
-    """arch lfm2: 4 layers, conv / attention alternating (head_count_kv 0 marks a conv layer), 4 heads of 16, 2 KV heads."""
+def make_lfm2(path, tok, n_vocab, n_swa=0):
+    """arch lfm2: 4 layers, conv / attention alternating (head_count_kv 0 marks a conv layer), 4 heads of 16, 2 KV heads;
+    n_swa > 0: every attention layer is sliding-window (LFM2 makes all of them SWA when the key is set)."""
     arch, T, K = "lfm2", G.MODEL_TENSOR, G.Keys
     n_layer, n_head, n_head_kv, n_ff, l_cache = 4, 4, 2, 128, 3
     head_dim = N_EMBD // n_head
@@ -226,7 +229,7 @@ def make_lfm2(path, tok, n_vocab):
          (VT.UINT32, [n_head_kv if i in attn_layers else 0 for i in range(n_layer)])),
         (K.Rope.FREQ_BASE.format(arch=arch), VT.FLOAT32, 1000000.0),
         (K.ShortConv.L_CACHE.format(arch=arch), VT.UINT32, l_cache),
-    ] + tok
+    ] + ([(K.Attention.SLIDING_WINDOW.format(arch=arch), VT.UINT32, n_swa)] if n_swa else []) + tok
     w = Weights(SEED + 1)
     w.q8_0(tensor_name(T.TOKEN_EMBD), [N_EMBD, n_vocab])
     w.f32(tensor_name(T.TOKEN_EMBD_NORM), [N_EMBD], const=1.0)   # LFM2's output norm has this name
@@ -256,9 +259,10 @@ def main(out_dir=None):
     out_dir = out_dir or k.TMP
     os.makedirs(out_dir, exist_ok=True)
     tok, n_vocab = tokenizer_kvs(k.MODEL)
-    paths = {"mamba": os.path.join(out_dir, "tiny-mamba.gguf"), "lfm2": os.path.join(out_dir, "tiny-lfm2.gguf")}
+    paths = {name: os.path.join(out_dir, "tiny-%s.gguf" % name) for name in ("mamba", "lfm2", "lfm2-swa")}
     make_mamba(paths["mamba"], tok, n_vocab)
     make_lfm2(paths["lfm2"], tok, n_vocab)
+    make_lfm2(paths["lfm2-swa"], tok, n_vocab, n_swa=128)
     return paths
 
 

@@ -4,14 +4,17 @@
 The models are made at test time by make_tiny_models.py (build/test-llama, ~5.5 MB each, the test
 model's tokenizer): `tiny-mamba.gguf` (arch mamba: recurrent state only, no attention KV cache) and
 `tiny-lfm2.gguf` (arch lfm2: llama_memory_hybrid, 2 short-conv layers in the recurrent part, 2
-attention layers in the KV cache). The weights are random: the checks are about the cache, not the
+attention layers in the KV cache), and `tiny-lfm2-swa.gguf` (the same with sliding-window attention
+layers). The weights are random: the checks are about the cache, not the
 answers.
 
 1. recurrent only: `--kv-policy dbudget` stops llama-completion and llama-server at startup (exit
    status != 0, before anything is generated) with a message naming `--kv-policy` and saying there
-   is no attention KV cache; `--kv-policy none` runs (llama-completion exit 0, llama-server answers);
+   is no full-attention KV cache; `--kv-policy none` runs (llama-completion exit 0, llama-server answers);
    a server started with `none` answers a per-request `kv_policy` with 400 and the same reason, and
-   keeps serving.
+   keeps serving. The same startup error for a hybrid model whose attention layers are all
+   sliding-window (`tiny-lfm2-swa.gguf`: hybrid-iSWA with an empty full-attention base; it aborted in
+   llama_kv_policy's constructor before patch 0008).
 2. hybrid, a ~2.1K-token prompt with -c 512 (the attention cache) at the default -b: dbudget and
    snapkv ratio=0.5 in llama-completion: exit 0, nothing
    skipped, cells evicted > 0 and cells held + evicted == tokens decoded (--kv-policy-stats and the
@@ -38,12 +41,12 @@ models = make_tiny_models.main()
 c.check(all(os.path.getsize(p) < 8 << 20 for p in models.values()),
         "tiny models made in %.1f s: %s" % (time.time() - t0, ", ".join("%s %.1f MB" % (os.path.basename(p), os.path.getsize(p) / 2**20)
                                                                     for p in models.values())))
-MAMBA, LFM2 = models["mamba"], models["lfm2"]
+MAMBA, LFM2, LFM2_SWA = models["mamba"], models["lfm2"], models["lfm2-swa"]
 
 STATS = re.compile(r"kv-policy: seq 0: policy (\w+), cells held (\d+), evicted (\d+), runs (\d+)")
 PROMPT_EVAL = re.compile(r"prompt eval time =.*?/\s*(\d+) tokens")
 EVAL = re.compile(r"\beval time =.*?/\s*(\d+) runs")
-NO_KV = "no attention KV cache"
+NO_KV = "no full-attention KV cache"
 N_PREDICT = 8
 prompt_text = k.passkey_prompt(71942, 84, 50)      # ~2.1K tokens
 prompt = k.write_prompt("hybrid-prompt.txt", prompt_text)
@@ -64,6 +67,11 @@ p = completion(MAMBA, "512", "--kv-policy", "dbudget")
 msg = no_kv_error(p.stderr)
 c.check(p.returncode != 0 and msg and not PROMPT_EVAL.search(p.stderr),
         "mamba, llama-completion --kv-policy dbudget: stops at startup (rc %d): %s" % (p.returncode, msg[-1:]))
+p = completion(LFM2_SWA, "4096", "--kv-policy", "dbudget")
+msg = no_kv_error(p.stderr)
+c.check(p.returncode == 1 and msg and not PROMPT_EVAL.search(p.stderr),
+        "lfm2, all attention layers sliding-window, --kv-policy dbudget: stops at startup (rc %d, was an abort): %s"
+        % (p.returncode, msg[-1:]))
 p = completion(MAMBA, "4096", "--kv-policy", "none")
 c.check(p.returncode == 0 and PROMPT_EVAL.search(p.stderr), "mamba, llama-completion --kv-policy none: runs (rc %d)" % p.returncode)
 
