@@ -23,8 +23,8 @@ Answers are compared with the same tool's full cache (policy none, -c 4096):
    without it, from the restored cells. That server runs with --swa-full: at the default layout the
    saved SWA state holds only the window's cells (llama_kv_cache::state_write skips SWA-masked
    cells) and the server re-processes a restored iSWA slot from scratch ("forcing full prompt
-   re-processing due to lack of cache data", cache_n 0; unpatched llama.cpp does the same), which
-   would make the comparison empty.
+   re-processing due to lack of cache data", cache_n 0; the same with policy none, both code paths
+   are upstream's), which would make the comparison empty.
 5. control: streaming tokens=64 at -c 896 must lose the key (the answer checks can fail).
 """
 import os
