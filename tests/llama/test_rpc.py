@@ -9,15 +9,20 @@ transposed V, the re-pack's column copies).
 
 1. the KV cache buffers land on both RPC devices (the load log), none in local host memory.
 2. llama-completion, dbudget (token granularity, -c 512: evicts while the prompt goes in) and snapkv
-   ratio=0.5 granularity=layer (-c 1024: masks + re-pack; -fa off and on): the generated text, cells held and cells
+   ratio=0.5 granularity=layer (-c 1024: masks + re-pack): the generated text, cells held and cells
    evicted equal the local run's (no --rpc), held + evicted == prompt + decoded, the key is found.
 3. the hook's cache I/O per plan over RPC (LLAMA_KV_POLICY_IO_STATS=1, patch 0007): no per-row round
    trip: gets + sets per plan (the library's runs) <= 6 per layer (one read of K per layer and range of
    nearby cells; one get and one set of K and of V per layer in the re-pack). Before 0007
    (LLAMA_KV_POLICY_IO=rows) the re-pack paid ~1.3 M round trips per plan here (not run: ~4 min).
-4. llama-server with --rpc (--kv-policy dbudget -c 512, and a per-request snapkv granularity=layer):
+4. kvc-run, 16 steps: the logits over RPC are bit-identical to the local run's for snapkv
+   granularity=layer and adakv granularity=head with -fa off, and to the per-row copies over RPC
+   (LLAMA_KV_POLICY_IO=rows) for snapkv granularity=layer -fa on: the batched re-pack leaves the same
+   bytes in the cache.
+5. llama-server with --rpc (--kv-policy dbudget -c 512, and a per-request snapkv granularity=layer):
    the answers, cells held and evicted equal a local server's, held + evicted == tokens decoded.
 """
+import array
 import os
 import re
 import socket
@@ -46,7 +51,6 @@ SNAP = ["--kv-policy", "snapkv", "--kv-policy-param", "ratio=0.5,granularity=lay
 POLICIES = [  # (label, -c, args): -fa off by default (transposed V)
     ("dbudget", "512", ["--kv-policy", "dbudget"]),
     ("snapkv layer", "1024", SNAP),
-    ("snapkv layer -fa on", "1024", SNAP + ["-fa", "on"]),
 ]
 
 
@@ -159,6 +163,39 @@ try:
                     "%.0f KiB per plan, %.1f ms per plan" % (label, plans, per, BOUND, (b_get + b_set)/1024/plans, ms/plans))
         else:
             c.check(False, "%s over RPC: LLAMA_KV_POLICY_IO_STATS=1 printed the I/O line" % label)
+
+    # the re-packed cache holds the same bytes as the local one: kvc-run's logits of 16 steps are bit-identical,
+    # per layer and per KV head (the head's slice of the K rows and of the transposed V's dimensions); with -fa on
+    # (V rows) against the per-row copies over RPC (LLAMA_KV_POLICY_IO=rows; per-head masks with FA on are per
+    # layer on a non-CPU device, patch 0003, so -fa on is not compared with the local run)
+    ADA = ["--kv-policy", "adakv", "--kv-policy-param", "ratio=0.5,granularity=head"]
+    for label, pargs, ref in (("snapkv layer -fa off", SNAP + ["-fa", "off"], "local"),
+                              ("adakv head -fa off", ADA + ["-fa", "off"], "local"),
+                              ("snapkv layer -fa on", SNAP + ["-fa", "on"], "rows")):
+        lg = {}
+        for where in (ref, "rpc"):
+            extra = [] if where == "local" else ["--rpc", rpc, "-ngl", "99"]
+            path = os.path.join(k.TMP, "rpc-logits-%s.bin" % where)
+            if os.path.exists(path):
+                os.remove(path)
+            os.environ.pop("LLAMA_KV_POLICY_IO", None)
+            if where == "rows":
+                os.environ["LLAMA_KV_POLICY_IO"] = "rows"
+            r = k.kvc_run(prompt, "-c", "1024", "-n", "16", "--kvc-logits", path, *(pargs + extra), check=False)
+            os.environ.pop("LLAMA_KV_POLICY_IO", None)
+            if isinstance(r, dict) and os.path.exists(path):
+                a = array.array("f")
+                with open(path, "rb") as f:
+                    a.frombytes(f.read())
+                lg[where] = (r, a)
+        if len(lg) == 2:
+            (rl, al), (rr, ar) = lg[ref], lg["rpc"]
+            c.check(len(al) == len(ar) > 0 and al == ar and rl["cells_held"] == rr["cells_held"] and rr["cells_evicted"] > 0,
+                    "kvc-run %s, 16 steps: logits over RPC bit-identical to %s (%d values, max |d| %g), held %d/%d"
+                    % (label, "the local run" if ref == "local" else "the per-row copies over RPC", len(ar),
+                       max((abs(x - y) for x, y in zip(al, ar)), default=-1), rr["cells_held"], rl["cells_held"]))
+        else:
+            c.check(False, "kvc-run %s: %s and over RPC with --kvc-logits: %s" % (label, ref, sorted(lg)))
 
     loc, _ = server_run("rpc-local")
     rem, log = server_run("rpc-remote", rpc=rpc)
