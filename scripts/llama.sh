@@ -57,7 +57,7 @@ BASE_DIR="$BUILD/base/llama"
 JOBS="${KVC_JOBS:-2}"
 KVC_LIB="${KVC_LIB:-$ROOT/target/release/libkvcompress.so}"
 
-TARGETS=(llama-server llama-cli llama-completion llama-perplexity llama-passkey llama-bench llama-batched-bench)
+TARGETS=(llama-server llama-cli llama-completion llama-perplexity llama-passkey llama-bench llama-batched-bench ggml-rpc-server)
 
 # ccache: default cache dir; base_dir makes the patched and the unpatched trees share objects
 # (both use <x>/llama-src next to <x>/llama, so relative paths are equal)
@@ -280,7 +280,7 @@ common_flags() {
     echo -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_EXAMPLES=ON \
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_EXAMPLES=ON -DGGML_RPC=ON \
         "-DCMAKE_PROJECT_llama.cpp_INCLUDE=$ROOT/tests/llama/kvc-run.cmake"
     if command -v ccache >/dev/null; then
         echo -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
