@@ -59,6 +59,16 @@ for tool in TOOLS:
                 % (tool, policy, params or "", p.returncode, answer(p) == answer(ref), key, held, evicted))
     p = run(tool, "--kv-policy", "snapkv")
     c.check(p.returncode == 0 and not STATS.search(p.stderr), "%s: no stats line without --kv-policy-stats" % tool)
+    # --kv-policy-param is repeatable: both values apply (tokens=100: about 100 cells held; interval=4: more than
+    # the prompt-end run in 8 generated tokens), and llama.cpp's "specified multiple times ... only last value will
+    # be used" warning, which is wrong for it, is not printed
+    p = run(tool, "--kv-policy", "snapkv", "--kv-policy-param", "tokens=100", "--kv-policy-param", "interval=4",
+            "--kv-policy-stats")
+    m = STATS.search(p.stderr)
+    held, runs = (int(m.group(2)), int(m.group(4))) if m else (-1, -1)
+    c.check(p.returncode == 0 and "specified multiple times" not in p.stderr + p.stdout and 0 < held <= 108 and runs >= 2,
+            "%s: repeated --kv-policy-param applies both (held %d <= 108, runs %d >= 2) without the multiple-times warning"
+            % (tool, held, runs))
 
 BAD = [
     (["--kv-policy", "nosuch"], "--kv-policy"),
