@@ -1,6 +1,7 @@
 """Shared helpers for the llama.cpp end-to-end tests (python3 stdlib only)."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,27 @@ PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Fi
           "I will quiz you about the important information there.")
 JUNK = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 SUFFIX = " What is the pass key? The pass key is"
+
+
+# --kv-policy-stats' line for sequence 0, and the prompt / generation lines of common_perf_print
+STATS = re.compile(r"kv-policy: seq 0: policy (\w+), cells held (\d+), evicted (\d+), runs (\d+)")
+PROMPT_EVAL = re.compile(r"prompt eval time =.*?/\s*(\d+) tokens")
+EVAL = re.compile(r"\beval time =.*?/\s*(\d+) runs")
+
+
+def policy_stats(stderr):
+    """What a tool run with --kv-policy-stats printed: sequence 0's policy, cells held, evicted and runs, and from
+    the perf lines the prompt tokens and the decode calls after them (-1 / None for what is missing). Every token
+    that went through the cache is held or evicted: held + evicted == n_prompt + n_gen."""
+    m, pe, ev = STATS.search(stderr), PROMPT_EVAL.search(stderr), EVAL.search(stderr)
+    return {
+        "policy": m.group(1) if m else None,
+        "held": int(m.group(2)) if m else -1,
+        "evicted": int(m.group(3)) if m else -1,
+        "runs": int(m.group(4)) if m else -1,
+        "n_prompt": int(pe.group(1)) if pe else -1,
+        "n_gen": int(ev.group(1)) if ev else -1,
+    }
 
 
 def passkey_prompt(key, n_junk, pos):

@@ -11,7 +11,6 @@
    parameter the policy does not have, a value out of range, a malformed `--kv-policy-param`.
 """
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -20,7 +19,6 @@ import kvc_common as k
 c = k.Checks("test_cli")
 KEY = 48213
 prompt = k.write_prompt("cli.txt", k.passkey_prompt(KEY, 16, 7))   # 448 tokens
-STATS = re.compile(r"kv-policy: seq 0: policy (\w+), cells held (\d+), evicted (\d+), runs (\d+)")
 
 TOOLS = {
     "llama-cli": ["--single-turn"],
@@ -50,7 +48,7 @@ for tool in TOOLS:
         # there the check is the stats only
         same_needed = tool == "llama-completion" or policy != "pyramidkv"
         p = run(tool, "--kv-policy", policy, *(["--kv-policy-param", params] if params else []), "--kv-policy-stats")
-        m = STATS.search(p.stderr)
+        m = k.STATS.search(p.stderr)
         held, evicted = (int(m.group(2)), int(m.group(3))) if m else (-1, -1)
         key = str(KEY) in p.stdout if tool == "llama-completion" else True
         c.check(p.returncode == 0 and (answer(p) == answer(ref) or not same_needed) and key and m is not None and
@@ -58,13 +56,13 @@ for tool in TOOLS:
                 "%s --kv-policy %s %s: rc %d, answer == full cache's: %s, passkey: %s, stats: held %d, evicted %d"
                 % (tool, policy, params or "", p.returncode, answer(p) == answer(ref), key, held, evicted))
     p = run(tool, "--kv-policy", "snapkv")
-    c.check(p.returncode == 0 and not STATS.search(p.stderr), "%s: no stats line without --kv-policy-stats" % tool)
+    c.check(p.returncode == 0 and not k.STATS.search(p.stderr), "%s: no stats line without --kv-policy-stats" % tool)
     # --kv-policy-param is repeatable: both values apply (tokens=100: about 100 cells held; interval=4: more than
     # the prompt-end run in 8 generated tokens), and llama.cpp's "specified multiple times ... only last value will
     # be used" warning, which is wrong for it, is not printed
     p = run(tool, "--kv-policy", "snapkv", "--kv-policy-param", "tokens=100", "--kv-policy-param", "interval=4",
             "--kv-policy-stats")
-    m = STATS.search(p.stderr)
+    m = k.STATS.search(p.stderr)
     held, runs = (int(m.group(2)), int(m.group(4))) if m else (-1, -1)
     c.check(p.returncode == 0 and "specified multiple times" not in p.stderr + p.stdout and 0 < held <= 108 and runs >= 2,
             "%s: repeated --kv-policy-param applies both (held %d <= 108, runs %d >= 2) without the multiple-times warning"

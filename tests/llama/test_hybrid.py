@@ -27,7 +27,6 @@ answers.
    the server answers 400), so the runs of 2 are the policy's work.
 """
 import os
-import re
 import sys
 import time
 
@@ -43,9 +42,6 @@ c.check(all(os.path.getsize(p) < 8 << 20 for p in models.values()),
                                                                     for p in models.values())))
 MAMBA, LFM2, LFM2_SWA = models["mamba"], models["lfm2"], models["lfm2-swa"]
 
-STATS = re.compile(r"kv-policy: seq 0: policy (\w+), cells held (\d+), evicted (\d+), runs (\d+)")
-PROMPT_EVAL = re.compile(r"prompt eval time =.*?/\s*(\d+) tokens")
-EVAL = re.compile(r"\beval time =.*?/\s*(\d+) runs")
 NO_KV = "no full-attention KV cache"
 N_PREDICT = 8
 prompt_text = k.passkey_prompt(71942, 84, 50)      # ~2.1K tokens
@@ -65,15 +61,15 @@ def no_kv_error(out):
 # ---- 1. recurrent only ----
 p = completion(MAMBA, "512", "--kv-policy", "dbudget")
 msg = no_kv_error(p.stderr)
-c.check(p.returncode != 0 and msg and not PROMPT_EVAL.search(p.stderr),
+c.check(p.returncode != 0 and msg and not k.PROMPT_EVAL.search(p.stderr),
         "mamba, llama-completion --kv-policy dbudget: stops at startup (rc %d): %s" % (p.returncode, msg[-1:]))
 p = completion(LFM2_SWA, "4096", "--kv-policy", "dbudget")
 msg = no_kv_error(p.stderr)
-c.check(p.returncode == 1 and msg and not PROMPT_EVAL.search(p.stderr),
+c.check(p.returncode == 1 and msg and not k.PROMPT_EVAL.search(p.stderr),
         "lfm2, all attention layers sliding-window, --kv-policy dbudget: stops at startup (rc %d, was an abort): %s"
         % (p.returncode, msg[-1:]))
 p = completion(MAMBA, "4096", "--kv-policy", "none")
-c.check(p.returncode == 0 and PROMPT_EVAL.search(p.stderr), "mamba, llama-completion --kv-policy none: runs (rc %d)" % p.returncode)
+c.check(p.returncode == 0 and k.PROMPT_EVAL.search(p.stderr), "mamba, llama-completion --kv-policy none: runs (rc %d)" % p.returncode)
 
 
 def start_server(name, model, args):
@@ -111,13 +107,11 @@ finally:
 
 def check_stats(label, p, max_held=None):
     out = p.stdout + p.stderr
-    m, pe, ev = STATS.search(p.stderr), PROMPT_EVAL.search(p.stderr), EVAL.search(p.stderr)
-    held, evicted = (int(m.group(2)), int(m.group(3))) if m else (-1, -1)
-    n_prompt = int(pe.group(1)) if pe else -1
-    n_gen = int(ev.group(1)) if ev else -1
+    st = k.policy_stats(p.stderr)
+    held, evicted, n_prompt, n_gen = st["held"], st["evicted"], st["n_prompt"], st["n_gen"]
     c.check(p.returncode == 0 and "input too long" not in out and "is cut to" not in out,
             "%s: rc %d, nothing skipped or cut" % (label, p.returncode))
-    c.check(m is not None and pe is not None and ev is not None and evicted > 0 and held + evicted == n_prompt + n_gen
+    c.check(st["policy"] is not None and n_prompt >= 0 and n_gen >= 0 and evicted > 0 and held + evicted == n_prompt + n_gen
             and (max_held is None or held <= max_held),
             "  attention cache compressed: held %d + evicted %d == prompt %d + decoded %d%s"
             % (held, evicted, n_prompt, n_gen, "" if max_held is None else ", held <= %d" % max_held))

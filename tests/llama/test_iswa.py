@@ -46,10 +46,7 @@ if not os.path.exists(k.MODEL):
 KEY = 71942
 prompt_text = k.passkey_prompt(KEY, 70, 40)      # 1745 tokens with gemma3's tokenizer
 prompt = k.write_prompt("iswa-prompt.txt", prompt_text)
-STATS = re.compile(r"kv-policy: seq 0: policy (\w+), cells held (\d+), evicted (\d+), runs (\d+)")
 PER_LAYER = re.compile(r"kv-policy: seq 0: kept per layer: ([\d ]+)")
-PROMPT_EVAL = re.compile(r"prompt eval time =.*?/\s*(\d+) tokens")
-EVAL = re.compile(r"\beval time =.*?/\s*(\d+) runs")
 N_GLOBAL = 3
 SMALL_CTX = "896"
 
@@ -58,13 +55,10 @@ def completion(ctx, n_predict, *extra):
     args = ["llama-completion", "-m", k.MODEL, "-f", prompt, "-t", k.THREADS, "--no-warmup", "-c", ctx,
             "-n", n_predict, "--temp", "0", "-no-cnv", "--no-display-prompt"]
     p = k.run(args + list(extra), check=False)
-    m, pe, ev, pl = STATS.search(p.stderr), PROMPT_EVAL.search(p.stderr), EVAL.search(p.stderr), PER_LAYER.search(p.stderr)
-    return {
-        "rc": p.returncode, "text": p.stdout.strip(), "log": p.stdout + p.stderr,
-        "held": int(m.group(2)) if m else -1, "evicted": int(m.group(3)) if m else -1,
-        "runs": int(m.group(4)) if m else -1, "layers": pl.group(1).split() if pl else [],
-        "decoded": int(pe.group(1)) + int(ev.group(1)) if pe and ev else -1, "n_prompt": int(pe.group(1)) if pe else -1,
-    }
+    st, pl = k.policy_stats(p.stderr), PER_LAYER.search(p.stderr)
+    return dict(st, rc=p.returncode, text=p.stdout.strip(), log=p.stdout + p.stderr,
+                layers=pl.group(1).split() if pl else [],
+                decoded=st["n_prompt"] + st["n_gen"] if st["n_prompt"] >= 0 and st["n_gen"] >= 0 else -1)
 
 
 # the full cache, 48 tokens: its first 8 are the reference of the -n 8 runs

@@ -16,7 +16,6 @@ llama-server cut the sequence "to 24 of its 1000 cells to make room for the next
 4. control: streaming tokens=64 at -c 512 must lose the key (the answer checks can fail).
 """
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -26,9 +25,6 @@ c = k.Checks("test_long_prompt")
 KEY = 71942
 prompt_text = k.passkey_prompt(KEY, 84, 50)
 prompt = k.write_prompt("long-prompt.txt", prompt_text)
-STATS = re.compile(r"kv-policy: seq 0: policy (\w+), cells held (\d+), evicted (\d+), runs (\d+)")
-PROMPT_EVAL = re.compile(r"prompt eval time =.*?/\s*(\d+) tokens")
-EVAL = re.compile(r"\beval time =.*?/\s*(\d+) runs")
 N_PREDICT = 8
 
 
@@ -50,21 +46,18 @@ for ctx in ("1024", "512"):
     for policy in ("dbudget", "gvote"):
         p = completion(ctx, "--kv-policy", policy, "--kv-policy-stats")
         out = p.stdout + p.stderr
-        m, pe, ev = STATS.search(p.stderr), PROMPT_EVAL.search(p.stderr), EVAL.search(p.stderr)
-        held, evicted = (int(m.group(2)), int(m.group(3))) if m else (-1, -1)
-        n_prompt = int(pe.group(1)) if pe else -1
-        n_gen = int(ev.group(1)) if ev else -1
+        st = k.policy_stats(p.stderr)
+        held, evicted, n_prompt, n_gen = st["held"], st["evicted"], st["n_prompt"], st["n_gen"]
         c.check(p.returncode == 0 and "input too long" not in out and "is cut to" not in out,
                 "llama-completion -c %s --kv-policy %s: rc %d, nothing skipped or cut" % (ctx, policy, p.returncode))
-        c.check(m is not None and pe is not None and n_prompt > 2 * int(ctx) and evicted > 0 and
+        c.check(st["policy"] == policy and n_gen >= 0 and n_prompt > 2 * int(ctx) and evicted > 0 and
                 held + evicted == n_prompt + n_gen,
                 "  every token went through the cache: held %d + evicted %d == prompt %d + decoded %d"
                 % (held, evicted, n_prompt, n_gen))
         c.check(generated(p) == generated(ref), "  answer %r == full cache's %r" % (generated(p)[-30:], generated(ref)[-30:]))
 
 p = completion("512", "--kv-policy", "streaming", "--kv-policy-param", "tokens=64", "--kv-policy-stats")
-m = STATS.search(p.stderr)
-c.check(p.returncode == 0 and m is not None and int(m.group(3)) > 0 and str(KEY) not in generated(p),
+c.check(p.returncode == 0 and k.policy_stats(p.stderr)["evicted"] > 0 and str(KEY) not in generated(p),
         "control: streaming tokens=64 at -c 512 loses the key (answer %r)" % generated(p)[-30:])
 
 

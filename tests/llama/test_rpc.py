@@ -37,9 +37,6 @@ c = k.Checks("test_rpc")
 KEY = 58213
 prompt_text = k.passkey_prompt(KEY, 36, 22)
 prompt = k.write_prompt("rpc-prompt.txt", prompt_text)
-STATS = re.compile(r"kv-policy: seq 0: policy (\w+), cells held (\d+), evicted (\d+), runs (\d+)")
-PROMPT_EVAL = re.compile(r"prompt eval time =.*?/\s*(\d+) tokens")
-EVAL = re.compile(r"\beval time =.*?/\s*(\d+) runs")
 IO = re.compile(r"kv-policy io \(remote buffers: (\w+)\): on_seq calls (\d+), gets (\d+) \((\d+) bytes\), sets (\d+) \((\d+) bytes\), ([\d.]+) ms")
 KV_BUF = re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size")  # RPC: RPC0[host:port] (the endpoint tells them apart)
 N_PREDICT = 8
@@ -80,18 +77,8 @@ def completion(ctx, extra, rpc=None, env=None):
 
 
 def summary(p):
-    m, pe, ev = STATS.search(p.stderr), PROMPT_EVAL.search(p.stderr), EVAL.search(p.stderr)
-    return {
-        "rc": p.returncode,
-        "text": p.stdout.strip(),
-        "held": int(m.group(2)) if m else -1,
-        "evicted": int(m.group(3)) if m else -1,
-        "runs": int(m.group(4)) if m else -1,
-        "n_prompt": int(pe.group(1)) if pe else -1,
-        "n_gen": int(ev.group(1)) if ev else -1,
-        "kv_bufs": KV_BUF.findall(p.stderr),
-        "io": IO.search(p.stderr),
-    }
+    return dict(k.policy_stats(p.stderr), rc=p.returncode, text=p.stdout.strip(),
+                kv_bufs=KV_BUF.findall(p.stderr), io=IO.search(p.stderr))
 
 
 def ask(srv, policy=None):
