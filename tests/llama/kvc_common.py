@@ -75,6 +75,14 @@ def run(args, bin_dir=None, check=True, env=None):
     return p
 
 
+def completion(prompt_file, ctx, n_predict, *extra, model=None, env=None):
+    """llama-completion, greedy, on the prompt file alone (no chat template, the prompt not echoed), at the tools'
+    default -b/-ub; returns the CompletedProcess (not checked: the tests look at the exit status)."""
+    args = ["llama-completion", "-m", model or MODEL, "-f", prompt_file, "-t", THREADS, "--no-warmup", "-c", ctx,
+            "-n", n_predict, "--temp", "0", "-no-cnv", "--no-display-prompt"]
+    return run(args + list(extra), check=False, env=env)
+
+
 def kvc_run(prompt_file, *extra, bin_dir=None, check=True):
     """Run kvc-run and return its JSON line as a dict (or the CompletedProcess if check=False and it failed)."""
     args = ["kvc-run", "-m", MODEL, "-f", prompt_file, "-t", THREADS, "--no-warmup"] + list(extra)

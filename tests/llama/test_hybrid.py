@@ -49,9 +49,7 @@ prompt = k.write_prompt("hybrid-prompt.txt", prompt_text)
 
 
 def completion(model, ctx, *extra):
-    args = ["llama-completion", "-m", model, "-f", prompt, "-t", k.THREADS, "--no-warmup", "-c", ctx,
-            "-n", N_PREDICT, "--temp", "0", "-no-cnv", "--no-display-prompt"]
-    return k.run(args + list(extra), check=False)
+    return k.completion(prompt, ctx, N_PREDICT, *extra, model=model)
 
 
 def no_kv_error(out):

@@ -52,9 +52,7 @@ SMALL_CTX = "896"
 
 
 def completion(ctx, n_predict, *extra):
-    args = ["llama-completion", "-m", k.MODEL, "-f", prompt, "-t", k.THREADS, "--no-warmup", "-c", ctx,
-            "-n", n_predict, "--temp", "0", "-no-cnv", "--no-display-prompt"]
-    p = k.run(args + list(extra), check=False)
+    p = k.completion(prompt, ctx, n_predict, *extra)
     st, pl = k.policy_stats(p.stderr), PER_LAYER.search(p.stderr)
     return dict(st, rc=p.returncode, text=p.stdout.strip(), log=p.stdout + p.stderr,
                 layers=pl.group(1).split() if pl else [],

@@ -29,9 +29,7 @@ N_PREDICT = 8
 
 
 def completion(ctx, *extra):
-    args = ["llama-completion", "-m", k.MODEL, "-f", prompt, "-t", k.THREADS, "--no-warmup", "-c", ctx,
-            "-n", N_PREDICT, "--temp", "0", "-no-cnv", "--no-display-prompt"]
-    return k.run(args + list(extra), check=False)
+    return k.completion(prompt, ctx, N_PREDICT, *extra)
 
 
 def generated(p):

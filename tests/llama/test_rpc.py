@@ -68,12 +68,9 @@ def start_rpc(name):
 
 
 def completion(ctx, extra, rpc=None, env=None):
-    args = ["llama-completion", "-m", k.MODEL, "-f", prompt, "-t", k.THREADS, "--no-warmup", "-c", ctx,
-            "-n", N_PREDICT, "--temp", "0", "-no-cnv", "--no-display-prompt", "-fa", "off", "--kv-policy-stats",
-            "-v"]  # -v: the KV buffer lines and the I/O line are info logs of libllama
-    if rpc:
-        args += ["--rpc", rpc, "-ngl", "99"]
-    return k.run(args + extra, check=False, env=env)
+    # -v: the KV buffer lines and the I/O line are info logs of libllama
+    args = ["-fa", "off", "--kv-policy-stats", "-v"] + (["--rpc", rpc, "-ngl", "99"] if rpc else [])
+    return k.completion(prompt, ctx, N_PREDICT, *(args + list(extra)), env=env)
 
 
 def summary(p):
