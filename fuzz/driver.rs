@@ -247,6 +247,7 @@ pub const KEYS: &[&str] = &[
     "samples",
     "quorum",
     "seed",
+    "stride",
 ];
 const VALUES: &[&str] = &[
     "0",
@@ -390,11 +391,12 @@ pub const VALID: &[(&str, &[&str])] = &[
     ("alpha", &["0", "0.2", "1"]),
     ("layers", &["uniform", "pyramid"]),
     ("threshold", &["0.0001", "0.01", "0.5", "0.9999"]),
-    ("ranker", &["window", "position"]),
+    ("ranker", &["window", "position", "context"]),
     ("p", &["0.01", "0.5", "0.95", "1"]),
     ("samples", &["0", "1", "8", "1024"]),
     ("quorum", &["0", "0.35", "1"]),
     ("seed", &["0", "1", "18446744073709551615"]),
+    ("stride", &["1", "16", "4096"]),
 ];
 
 /// Policy name and overrides, owned, plus the pointer arrays C would pass.

@@ -3,15 +3,19 @@
 # prompt, runs interleaved (none, p1, p2, none, p1, p2, ...) so machine drift hits every policy
 # alike. Writes results/bench-prefill.json; ratios are policy / none of the medians, per length.
 #
-#   bash scripts/bench-prefill.sh                         # 2K, 4K, 8K tokens, dbudget + gvote, 3 reps
-#   TOKENS="4096" REPS=5 POLICIES="snapkv dbudget" THREADS=2 bash scripts/bench-prefill.sh
+#   bash scripts/bench-prefill.sh                         # 2K, 4K, 8K tokens, dbudget + gvote + dbudget:ranker=context, 3 reps
+#   TOKENS="4096" REPS=5 POLICIES="snapkv dbudget:ranker=context,threshold=0.02" THREADS=2 bash scripts/bench-prefill.sh
+# A policy is NAME or NAME:k=v,k=v (its --kv-policy-param values; the pair is its label in the JSON).
+# BENCH_OUT=path writes the JSON there instead of results/bench-prefill.json.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 TOKENS="${TOKENS:-2048 4096 8192}"
 REPS="${REPS:-3}"
 THREADS="${THREADS:-2}"
-POLICIES="${POLICIES:-dbudget gvote}"
+# dbudget:ranker=context reads every query row of the prompt (issue 16): its prefill cost is the point
+POLICIES="${POLICIES:-dbudget gvote dbudget:ranker=context}"
+BENCH_OUT="${BENCH_OUT:-results/bench-prefill.json}"
 OUT="$ROOT/build/bench"
 mkdir -p "$OUT" results
 MODEL="$(bash scripts/llama.sh model)"
@@ -23,14 +27,20 @@ for n in $TOKENS; do
     CTX=$(( n * 5 / 4 + 512 ))
     for rep in $(seq 1 "$REPS"); do
         for pol in none $POLICIES; do
+            name="${pol%%:*}"
+            args=(--kv-policy "$name")
+            if [ "$name" != "$pol" ]; then
+                IFS=, read -ra kvs <<< "${pol#*:}"
+                for kv in "${kvs[@]}"; do args+=(--kv-policy-param "$kv"); done
+            fi
             # -b 512 as in eval/run.py: the hook leaves room for a batch like the last one under the cap
-            "$RUN" -m "$MODEL" -f "$OUT/prompt-$n.txt" -n 32 -t "$THREADS" -c "$CTX" -b 512 -ub 512 --kv-policy "$pol" \
-                2> "$OUT/$pol.log" | tail -n 1 | python3 -c 'import json,sys; d=json.load(sys.stdin); d["rep"]=int(sys.argv[1]); d["tokens"]=int(sys.argv[2]); print(json.dumps(d))' "$rep" "$n" >> "$OUT/runs.jsonl"
+            "$RUN" -m "$MODEL" -f "$OUT/prompt-$n.txt" -n 32 -t "$THREADS" -c "$CTX" -b 512 -ub 512 "${args[@]}" \
+                2> "$OUT/$name.log" | tail -n 1 | python3 -c 'import json,sys; d=json.load(sys.stdin); d["rep"]=int(sys.argv[1]); d["tokens"]=int(sys.argv[2]); d["policy"]=sys.argv[3]; print(json.dumps(d))' "$rep" "$n" "$pol" >> "$OUT/runs.jsonl"
             echo "bench-prefill: $n tokens, rep $rep, $pol done" >&2
         done
     done
 done
-python3 - "$OUT/runs.jsonl" "$THREADS" <<'PY'
+python3 - "$OUT/runs.jsonl" "$THREADS" "$BENCH_OUT" <<'PY'
 import json, statistics, sys, platform, os
 runs = [json.loads(l) for l in open(sys.argv[1])]
 med = lambda rs, k: statistics.median(x[k] for x in rs)
@@ -56,6 +66,6 @@ for n in sorted({r["tokens"] for r in runs}):
             "cells_held": rs[-1]["cells_held"], "answer": rs[-1]["answer"],
         }
     out["lengths"][str(n)] = entry
-json.dump(out, open("results/bench-prefill.json", "w"), indent=1)
+json.dump(out, open(sys.argv[3], "w"), indent=1)
 print(json.dumps(out, indent=1))
 PY

@@ -82,6 +82,10 @@ pub struct Plan {
     pub stats: Stats,
 }
 
+/// Query rows per layer and ubatch a spread-sampling scorer asks the engine for: every row of a
+/// ubatch up to this many (the library keeps only its sample of them).
+pub(crate) const SPREAD_CAPTURE: usize = 4096;
+
 /// Shape + policy + per-sequence state.
 pub struct Evictor {
     shape: Shape,
@@ -120,6 +124,9 @@ impl Evictor {
             None | Some(QuerySel::None) => 0,
             Some(QuerySel::Last(n)) => n,
             Some(QuerySel::Unconsumed) => self.policy.window.max(1),
+            // every row of a ubatch: the sample is taken here, by position, so that it spreads
+            // over the whole prompt whatever the engine's -b/-ub
+            Some(QuerySel::Spread { .. }) => SPREAD_CAPTURE,
         }
     }
 
@@ -129,6 +136,7 @@ impl Evictor {
     fn ring_cap(&self) -> usize {
         match self.policy.scorer.as_ref().map(|s| s.queries()) {
             Some(QuerySel::Unconsumed) => self.q_window().max(1) + self.policy.interval,
+            Some(QuerySel::Spread { newest, cap, .. }) => newest + cap,
             _ => self.q_window().max(1),
         }
     }
@@ -177,9 +185,22 @@ impl Evictor {
             .entry(seq_id)
             .or_default()
             .rewind_if_before(q_pos[0]);
+        let spread = match self.policy.scorer.as_ref().map(|s| s.queries()) {
+            Some(QuerySel::Spread {
+                stride,
+                newest,
+                cap,
+            }) => Some((stride.max(1), newest, cap)),
+            _ => None,
+        };
         // keep only what the ring can hold, transposed to token-major rows
         let keep_from = n_q.saturating_sub(self.ring_cap());
-        let rows = (keep_from..n_q)
+        let wanted = |i: usize| match spread {
+            Some((stride, newest, _)) => q_pos[i] as usize % stride == 0 || i + newest >= n_q,
+            None => i >= keep_from,
+        };
+        let rows = (0..n_q)
+            .filter(|&i| wanted(i))
             .map(|i| {
                 let mut data = Vec::with_capacity(self.shape.n_layer * row);
                 for l in 0..self.shape.n_layer {
@@ -192,8 +213,12 @@ impl Evictor {
                 }
             })
             .collect();
-        let cap = self.ring_cap();
-        self.seqs.entry(seq_id).or_default().push(rows, cap);
+        let ring_cap = self.ring_cap();
+        let st = self.seqs.entry(seq_id).or_default();
+        match spread {
+            Some((stride, newest, cap)) => st.push_spread(rows, stride, newest, cap),
+            None => st.push(rows, ring_cap),
+        }
         Ok(())
     }
 
@@ -304,13 +329,26 @@ impl Evictor {
             protected: &prot,
             n_seen,
         });
+        // a run that only makes room mid-prompt applies no verdict of the rule
+        let capacity_only = s.max_cells > 0 && n > s.max_cells && !s.prompt_end;
+        let since_verdict = if !rule.adaptive() || capacity_only {
+            None
+        } else if st.interval_run {
+            Some(n_seen as i64 - st.seen_at_last_run)
+        } else if st.seen_at_last_verdict > 0 && n_seen as i64 > st.seen_at_last_verdict {
+            // a second prompt end (the question after its context, a chat's next turn): the cells
+            // held were already judged once. (The same view planned again, with nothing new, is
+            // the same verdict: a caller may repeat a plan and must get the same one.)
+            Some(n_seen as i64 - st.seen_at_last_verdict)
+        } else {
+            None
+        };
         let target = plan_target(&TargetIn {
             n,
             budget: decision.budget,
             max_cells: s.max_cells,
             prompt_end: s.prompt_end,
-            adaptive_interval: (st.interval_run && rule.adaptive())
-                .then(|| n_seen as i64 - st.seen_at_last_run),
+            adaptive_interval: since_verdict,
         });
         let cand: Vec<bool> = prot.iter().map(|p| !p).collect();
         let n_prot = prot.iter().filter(|&&p| p).count();
@@ -351,6 +389,9 @@ impl Evictor {
             sel,
             n_seen,
         );
+        if !capacity_only {
+            st.seen_at_last_verdict = n_seen as i64;
+        }
         let n_keep = n - evict.len();
         Ok(Plan {
             stats: Stats {
@@ -439,6 +480,7 @@ fn select_queries(st: &SeqState, sel: QuerySel) -> Vec<&QueryRow> {
             .skip(st.ring.len().saturating_sub(k))
             .collect(),
         QuerySel::Unconsumed => st.ring.iter().filter(|r| r.pos > st.consumed).collect(),
+        QuerySel::Spread { .. } => st.ring.iter().collect(),
     }
 }
 
@@ -468,8 +510,9 @@ pub struct TargetIn {
     pub max_cells: usize,
     /// the call ended a prompt (the policy's own verdict applies)
     pub prompt_end: bool,
-    /// a decode-interval run of an adaptive rule: the tokens seen since its last run (negative
-    /// after a rewind below it, which counts as none)
+    /// an adaptive rule judging cells it already judged (a decode-interval run, or a prompt end
+    /// after an earlier one): the tokens seen since its last verdict (negative after a rewind
+    /// below it, which counts as none)
     pub adaptive_interval: Option<i64>,
 }
 
@@ -483,7 +526,13 @@ pub struct TargetIn {
 /// - a decode-interval run of an adaptive rule judges an already compressed cache against its
 ///   own threshold, and re-cutting each interval would compound the loss: it frees at most what
 ///   arrived since the last run; the cap still binds (the C-API fuzzer found gvote keeping 21
-///   cells with max_cells=1 when `due` flagged the interval run on an earlier view).
+///   cells with max_cells=1 when `due` flagged the interval run on an earlier view);
+/// - so does a second prompt end (a question arriving after its context was compressed, a
+///   chat's next turn): the rule's threshold is a loss budget for the whole sequence, and the
+///   first cut already spent it, so the second run may choose which cells to keep (the question
+///   now steers the ranking) but frees at most as many cells as arrived since, never going below
+///   what the first cut left (measured, issue 16: dbudget cut a 2K needle prompt to 1759 cells,
+///   then to 1470 when the question came).
 pub fn plan_target(t: &TargetIn) -> usize {
     let cap_target = t.max_cells.saturating_sub(t.max_cells / 16);
     let over_cap = t.max_cells > 0 && t.n > t.max_cells;

@@ -7,10 +7,13 @@
 //! property tests, the fuzz driver and the evaluation's policy lists (`eval/policies.json`,
 //! written by [`table_json`]) all derive from it.
 
-use crate::budget::{Ada, Allocator, BudgetRule, DBudget, Dynamic, Fixed, Pyramid, Uniform, Vote};
+use crate::budget::{
+    Ada, Allocator, BudgetRule, DBudget, Dynamic, Evidence, Fixed, Pyramid, Uniform, Vote,
+};
 use crate::error::{Error, Result};
 use crate::score::{
-    Accumulated, GVote, GqaReduce, KeyNorm, Position, PositionWithQueries, Scorer, WindowAttention,
+    Accumulated, ContextAttention, GVote, GqaReduce, KeyNorm, Position, PositionWithQueries,
+    Scorer, WindowAttention,
 };
 use std::collections::BTreeMap;
 
@@ -163,6 +166,11 @@ const AT_LEAST_1: Range = num(1.0, false, f32::INFINITY, true);
 /// slot save and RAM prompt cache) nor truncated through its re-packed span (context shift), and
 /// the gain rests on a small grid; `layer` is the opt-in for memory-bound single-shot use.
 const DEFAULT_GRANULARITY: &str = "token";
+
+/// Most spread query rows `ranker=context` remembers per sequence: a row is
+/// `n_layer * n_head * head_dim` floats (69 KiB for SmolLM2-135M, 512 KiB for an 8B model), and
+/// the plan's cost grows with rows x cells.
+const CONTEXT_QUERY_CAP: usize = 1024;
 
 /// Parameters of every policy but `none`, first in every list.
 const COMMON: &[Param] = &[
@@ -414,24 +422,50 @@ pub const PRESETS: [Preset; 11] = [
             p(
                 "ranker",
                 "window",
-                Range::Choice(&["window", "position"]),
-                "window (attention of the newest queries) | position (oldest first)",
+                Range::Choice(&["window", "position", "context"]),
+                "window (attention of the newest queries) | position (oldest first) | context (question-agnostic: the largest attention from queries spread over the whole sequence, which the norm rule then guards too)",
             ),
             p("pool", "7", POOL, "max-pooling kernel of the window ranking along the sequence (odd; 1 = none): a needle's neighbours share its rank, so numbers and names survive whole"),
             GQA,
+            p(
+                "stride",
+                "16",
+                Range::Int { min: 1, max: 4096 },
+                "ranker=context: one query every `stride` positions is read (at most 1024 per sequence, thinned by halves beyond)",
+            ),
         ],
         build: |v, w| {
-            let scorer: Box<dyn Scorer> = match v.choice("ranker")? {
-                "position" => Box::new(PositionWithQueries { window: w }),
-                _ => Box::new(WindowAttention {
-                    window: w,
-                    kernel: v.odd("pool")?,
-                    max_pool: true,
-                    gqa: v.gqa()?,
-                }),
+            let (scorer, evidence): (Box<dyn Scorer>, Evidence) = match v.choice("ranker")? {
+                "position" => (Box::new(PositionWithQueries { window: w }), Evidence::Newest),
+                "context" => (
+                    Box::new(ContextAttention {
+                        stride: v.usize("stride")?,
+                        window: w,
+                        cap: CONTEXT_QUERY_CAP,
+                        kernel: v.odd("pool")?,
+                        gqa: v.gqa()?,
+                    }),
+                    Evidence::MaxOverQueries,
+                ),
+                _ => (
+                    Box::new(WindowAttention {
+                        window: w,
+                        kernel: v.odd("pool")?,
+                        max_pool: true,
+                        gqa: v.gqa()?,
+                    }),
+                    Evidence::Newest,
+                ),
             };
             let threshold = v.f32("threshold")?;
-            Ok((scorer, Box::new(DBudget { threshold }), Box::new(Uniform)))
+            Ok((
+                scorer,
+                Box::new(DBudget {
+                    threshold,
+                    evidence,
+                }),
+                Box::new(Uniform),
+            ))
         },
     },
     Preset {

@@ -77,6 +77,9 @@ pub struct SeqState {
     pub carry: Option<Carry>,
     /// tokens seen (highest position + 1) when the policy last ran
     pub seen_at_last_run: i64,
+    /// tokens seen when the policy last applied its own verdict (a prompt end or a decode
+    /// interval, not a run that only made room mid-prompt); 0 = never
+    pub seen_at_last_verdict: i64,
     /// highest position seen by the previous `due` call
     pub last_max_pos: i32,
     /// what the last plan kept
@@ -92,6 +95,7 @@ impl Default for SeqState {
             consumed: -1,
             carry: None,
             seen_at_last_run: 0,
+            seen_at_last_verdict: 0,
             last_max_pos: -1,
             last: None,
             interval_run: false,
@@ -129,6 +133,48 @@ impl SeqState {
         }
     }
 
+    /// Append query rows (ascending positions) for a scorer that reads rows spread over the whole
+    /// sequence: the ring keeps the rows at multiples of `stride` and the newest `newest`; past
+    /// `cap` spread rows, every other one is dropped (oldest first), so memory stays bounded on
+    /// any length while the sample still covers the start of the sequence.
+    pub fn push_spread(&mut self, rows: Vec<QueryRow>, stride: usize, newest: usize, cap: usize) {
+        for row in rows {
+            self.rewind_if_before(row.pos);
+            self.ring.push_back(row);
+        }
+        let stride = stride.max(1) as i32;
+        let n = self.ring.len();
+        let tail = n.saturating_sub(newest);
+        let mut i = 0;
+        self.ring.retain(|r| {
+            i += 1;
+            i > tail || r.pos % stride == 0
+        });
+        let cap = cap.max(1);
+        loop {
+            let tail = self.ring.len().saturating_sub(newest);
+            let spread = self
+                .ring
+                .iter()
+                .take(tail)
+                .filter(|r| r.pos % stride == 0)
+                .count();
+            if spread <= cap {
+                break;
+            }
+            // drop every other spread row: the sample stays even and keeps covering the start
+            let (mut i, mut k) = (0, 0);
+            self.ring.retain(|r| {
+                i += 1;
+                if i > tail || r.pos % stride != 0 {
+                    return true;
+                }
+                k += 1;
+                k % 2 == 1
+            });
+        }
+    }
+
     /// Forget what lies beyond `max_pos` (the sequence was truncated).
     pub fn truncate_after(&mut self, max_pos: i32) {
         while self.ring.back().is_some_and(|r| r.pos > max_pos) {
@@ -143,6 +189,9 @@ impl SeqState {
         }
         if self.seen_at_last_run > max_pos as i64 + 1 {
             self.seen_at_last_run = max_pos as i64 + 1;
+        }
+        if self.seen_at_last_verdict > max_pos as i64 + 1 {
+            self.seen_at_last_verdict = max_pos as i64 + 1;
         }
     }
 }
@@ -189,6 +238,29 @@ mod tests {
         s.last_max_pos = 20;
         s.rewind_if_before(21);
         assert_eq!(s.last_max_pos, 20);
+    }
+
+    #[test]
+    fn a_spread_ring_keeps_every_stride_and_the_newest_within_its_cap() {
+        let mut s = SeqState::default();
+        s.push_spread((0..100).map(row).collect(), 10, 3, 100);
+        let pos: Vec<i32> = s.ring.iter().map(|r| r.pos).collect();
+        assert_eq!(pos, vec![0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 97, 98, 99]);
+        // the next call: the old newest rows that are off the stride go
+        s.push_spread((100..105).map(row).collect(), 10, 3, 100);
+        let pos: Vec<i32> = s.ring.iter().map(|r| r.pos).collect();
+        assert_eq!(
+            pos,
+            vec![0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 102, 103, 104]
+        );
+        // over the cap: thinned by halves, the start of the sequence still sampled
+        let mut s = SeqState::default();
+        s.push_spread((0..1000).map(row).collect(), 1, 2, 100);
+        let pos: Vec<i32> = s.ring.iter().map(|r| r.pos).collect();
+        assert!(pos.len() <= 102, "{}", pos.len());
+        assert_eq!(pos[0], 0);
+        assert!(pos[pos.len() - 3] > 900, "{pos:?}");
+        assert_eq!(&pos[pos.len() - 2..], &[998, 999]);
     }
 
     #[test]

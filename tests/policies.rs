@@ -571,6 +571,95 @@ fn dbudget_cuts_exactly_where_the_drop_passes_the_threshold() {
     }
 }
 
+/// A needle (cell 3) that only a query in the middle of the context attends to (the one at
+/// position 4); the newest query attends to cells 5..8. `ranker=window` reads the newest query
+/// and frees the needle; `ranker=context` reads every `stride`-th query too (0, 4, 8 and the
+/// newest), scores each cell by the largest attention it received and keeps it.
+fn needle_toy(ranker: &str) -> (Vec<i32>, usize) {
+    let s = shape(1, 1, 1);
+    let pos = range(10);
+    let hot = 20f32.ln();
+    let k = keys(&s, &pos, |_, p, _| match p {
+        3 => [hot, 0.0],
+        5..=8 => [0.0, hot],
+        _ => [0.0, 0.0],
+    });
+    let q = queries(
+        &s,
+        &pos,
+        |_, p, _| if p == 4 { [1.0, 0.0] } else { [0.0, 1.0] },
+    );
+    let mut e = ev(
+        s,
+        "dbudget",
+        &[
+            "threshold=0.05",
+            ranker,
+            "stride=4",
+            "pool=1",
+            "sinks=1",
+            "window=1",
+        ],
+    );
+    e.push_queries(SEQ, &pos, &q).unwrap();
+    (evicted(&mut e, &pos, Some(&k), 0), e.q_window())
+}
+
+#[test]
+fn dbudget_ranker_context_keeps_what_the_middle_of_the_context_attends_to() {
+    let (window, q_window) = needle_toy("ranker=window");
+    assert!(window.contains(&3), "{window:?}");
+    assert_eq!(q_window, 1);
+    let (context, q_window) = needle_toy("ranker=context");
+    assert!(!context.contains(&3) && context.contains(&1), "{context:?}");
+    // every row of a ubatch (up to 4096) is captured; the library keeps its sample
+    assert_eq!(q_window, 4096);
+}
+
+/// Issue 16: a question arriving after its context was compressed must not compound the first
+/// cut. First cut at threshold 0.5 on the dbudget toy frees positions 1..=6 (4 cells held). Then
+/// two tokens arrive (10, 11) whose query spreads its attention evenly over 7, 8, 9 and away from
+/// 10: on that view alone the rule frees three cells (10, 7, 8), but a second prompt end frees
+/// at most what arrived since the first verdict: two.
+#[test]
+fn a_second_prompt_end_frees_at_most_what_arrived_since_the_first() {
+    let s = shape(1, 1, 1);
+    let hot = 24f32.sqrt().ln();
+    let key = |_: usize, p: i32, _: usize| match p {
+        5..=8 => [hot, 0.0],
+        10 | 11 => [0.0, -5.0],
+        _ => [0.0, 0.0],
+    };
+    let params = ["threshold=0.5", "pool=1", "sinks=1", "window=1"];
+    let mut e = ev(s, "dbudget", &params);
+    let pos = range(10);
+    e.push_queries(SEQ, &[9], &queries(&s, &[9], |_, _, _| [1.0, 0.0]))
+        .unwrap();
+    assert_eq!(
+        evicted(&mut e, &pos, Some(&keys(&s, &pos, key)), 0),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+
+    let pos2 = vec![0, 7, 8, 9, 10, 11];
+    let k2 = keys(&s, &pos2, key);
+    let q2 = queries(&s, &[10, 11], |_, _, _| [0.0, 1.0]);
+    // the same view on a fresh evictor (no earlier verdict): the rule alone frees three
+    let mut fresh = ev(s, "dbudget", &params);
+    fresh.push_queries(SEQ, &[10, 11], &q2).unwrap();
+    assert_eq!(evicted(&mut fresh, &pos2, Some(&k2), 0), vec![7, 8, 10]);
+    // after the first cut: two, as many as arrived
+    e.push_queries(SEQ, &[10, 11], &q2).unwrap();
+    let second = evicted(&mut e, &pos2, Some(&k2), 0);
+    assert_eq!(second.len(), 2, "{second:?}");
+    // the cap still binds
+    let mut e = ev(s, "dbudget", &params);
+    e.push_queries(SEQ, &[9], &queries(&s, &[9], |_, _, _| [1.0, 0.0]))
+        .unwrap();
+    evicted(&mut e, &pos, Some(&keys(&s, &pos, key)), 0);
+    e.push_queries(SEQ, &[10, 11], &q2).unwrap();
+    assert_eq!(evicted(&mut e, &pos2, Some(&k2), 3).len(), 3);
+}
+
 #[test]
 fn walk_drops_matches_the_hand_computation() {
     // one layer, one head, 6 cells; squared attention of candidates 1..4 = 1, 1, 24, 24 (sum 50)

@@ -19,6 +19,19 @@ use crate::score::UnitCtx;
 pub struct DBudget {
     /// maximum relative drop of the retained attention norm, per layer
     pub threshold: f32,
+    /// whose attention the norm is measured on
+    pub evidence: Evidence,
+}
+
+/// The attention row whose norm [`DBudget`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evidence {
+    /// the newest query's (the papers' rule: the question, when it is part of the prompt)
+    Newest,
+    /// per cell, the largest attention from any query the scorer read: with queries spread over
+    /// the context (`ranker=context`) the rule then guards what any part of the text attends to,
+    /// not only what the prompt's last token does, which matters when the question comes later
+    MaxOverQueries,
 }
 
 impl BudgetRule for DBudget {
@@ -27,6 +40,16 @@ impl BudgetRule for DBudget {
         let newest = u.queries.last()?;
         let n = u.n();
         let mut out = Vec::with_capacity(u.shape.group() * n);
+        if self.evidence == Evidence::MaxOverQueries {
+            for row in u.received_max(u.queries) {
+                out.extend(
+                    row.iter()
+                        .zip(u.protected)
+                        .map(|(a, &p)| if p { 0.0 } else { a * a }),
+                );
+            }
+            return Some(out);
+        }
         let mut row = vec![0.0f32; n];
         for h in u.heads() {
             if !u.attend(u.q(newest, h), newest.pos, &mut row) {
@@ -42,7 +65,7 @@ impl BudgetRule for DBudget {
     }
 
     fn needs_newest_attention(&self) -> bool {
-        true
+        self.evidence == Evidence::Newest
     }
 
     fn decide(&self, c: &DecideCtx) -> Decision {

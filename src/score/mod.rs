@@ -10,7 +10,7 @@ mod window;
 
 pub use gvote::GVote;
 pub use simple::{KeyNorm, Position, PositionWithQueries};
-pub use window::{Accumulated, WindowAttention};
+pub use window::{Accumulated, ContextAttention, WindowAttention};
 
 use crate::kernels;
 use crate::state::QueryRow;
@@ -85,6 +85,16 @@ pub enum QuerySel {
     Last(usize),
     /// every row not yet folded into the carried scores (H2O)
     Unconsumed,
+    /// rows spread over the whole sequence: every position that is a multiple of `stride`, plus
+    /// the newest `newest`; at most `cap` spread rows are remembered (thinned by halves beyond)
+    Spread {
+        /// distance between sampled positions
+        stride: usize,
+        /// newest rows always read
+        newest: usize,
+        /// most spread rows remembered per sequence
+        cap: usize,
+    },
 }
 
 /// Everything one (layer, KV head) unit sees.
@@ -150,6 +160,24 @@ impl UnitCtx<'_> {
             |_, row| out.copy_from_slice(row),
         );
         true
+    }
+
+    /// Per query head of the group: the largest attention each cell receives from any of `rows`.
+    pub fn received_max(&self, rows: &[&QueryRow]) -> Vec<Vec<f32>> {
+        let n = self.n();
+        self.heads()
+            .map(|h| {
+                let mut acc = vec![0.0f32; n];
+                let qs: Vec<(&[f32], usize)> = rows
+                    .iter()
+                    .map(|r| (self.q(r, h), kernels::visible(self.pos, r.pos)))
+                    .collect();
+                kernels::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, |_, row| {
+                    acc.iter_mut().zip(row).for_each(|(a, &p)| *a = a.max(p))
+                });
+                acc
+            })
+            .collect()
     }
 
     /// Per query head of the group: the attention mass each cell receives from `rows`, summed.

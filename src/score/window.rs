@@ -69,3 +69,39 @@ impl Scorer for Accumulated {
         DeviceScore::Accumulated { gqa: self.gqa }
     }
 }
+
+/// Question-agnostic importance: the largest attention a cell receives from queries spread over
+/// the whole sequence (every `stride`-th position, plus the newest `window`), not only from the
+/// prompt's last tokens.
+///
+/// KVzip (arXiv 2505.23416) scores a cell by the maximum attention it receives while the model
+/// re-reads the context in a second, teacher-forced pass; this reads the queries the prompt's own
+/// prefill already computed, so it costs no extra prefill. A fact nobody has asked about yet is
+/// still attended by the text around and after it, which the last queries of a prompt do not see.
+#[derive(Debug, Clone)]
+pub struct ContextAttention {
+    /// distance between sampled query positions
+    pub stride: usize,
+    /// newest query rows always read
+    pub window: usize,
+    /// most sampled rows remembered per sequence (bounds memory and plan time)
+    pub cap: usize,
+    /// pooling kernel (odd; 1 = none)
+    pub kernel: usize,
+    /// group reduction
+    pub gqa: GqaReduce,
+}
+
+impl Scorer for ContextAttention {
+    fn queries(&self) -> QuerySel {
+        QuerySel::Spread {
+            stride: self.stride,
+            newest: self.window,
+            cap: self.cap,
+        }
+    }
+    fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
+        let s = self.gqa.fold(&u.received_max(u.queries));
+        kernels::pool1d(&s, self.kernel, true)
+    }
+}
