@@ -168,7 +168,8 @@ finally:
 # the failpoint server: the 3rd plan call fails; slot save/restore afterwards
 slot_dir = os.path.join(k.TMP, "faults-slots")
 os.makedirs(slot_dir, exist_ok=True)
-srv = k.Server("failpoint", ["-np", "1", "-c", "2048", "--slot-save-path", slot_dir], env={"KVC_FAILPOINT": "plan:3"})
+srv = k.Server("failpoint", ["-np", "1", "-c", "2048", "--slot-save-path", slot_dir, "--kv-policy-allow-params", "all"],
+               env={"KVC_FAILPOINT": "plan:3"})
 try:
     up = srv.wait_up()
     c.check(up, "failpoint server starts (pid %d)" % srv.proc.pid)
