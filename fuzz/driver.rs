@@ -473,6 +473,14 @@ fn params(b: &mut Bytes) -> kvc_params {
         1 => 2,
         _ => 1,
     };
+    // the cost bounds: mostly the defaults, sometimes none or tight. Derived from the shape,
+    // not read from the input: a new read would shift the byte mapping of every stored
+    // regression input (invalid bounds: tests/policies.rs)
+    match (p.n_layer ^ p.n_head ^ p.head_dim) % 8 {
+        0 => (p.max_plan_cost, p.max_token_cost) = (0.0, 0.0),
+        1 => (p.max_plan_cost, p.max_token_cost) = ((p.head_dim % 64) as f32, 0.5),
+        _ => {}
+    }
     if b.chance(32) {
         p.abi_version = b.u32();
     }
@@ -971,6 +979,12 @@ impl Driver<'_> {
                 n,
                 "plan: n_keep + n_evict != n_cells"
             );
+            // squeezed: cells the rule wanted and the cap took, so only under a cap
+            assert!(
+                stats.n_squeezed as usize <= ne && (max_cells > 0 || stats.n_squeezed == 0),
+                "plan: n_squeezed {} with {ne} evicted, max_cells={max_cells}",
+                stats.n_squeezed
+            );
         }
         // the header: "the plan leaves at most this many cells"; position 0 and the newest
         // cell stay whatever the cap
@@ -1315,6 +1329,33 @@ pub fn run(data: &[u8]) {
     check_status("policy_check", check);
     err.check_message("policy_check", check);
 
+    // the cost of a policy is known without a model, for every policy check accepts
+    let mut cost = kvc_cost {
+        per_plan: -1.0,
+        per_token: -1.0,
+    };
+    let cost_st = unsafe {
+        kvc_policy_cost(
+            args.name_ptr(),
+            args.kv_ptr(),
+            args.kv.len(),
+            &mut cost,
+            ptr::null_mut(),
+            0,
+        )
+    };
+    check_status("policy_cost", cost_st);
+    assert_eq!(cost_st, check, "policy_cost and policy_check disagree");
+    if cost_st == KVC_STATUS_OK {
+        assert!(
+            cost.per_plan.is_finite()
+                && cost.per_plan >= 0.0
+                && cost.per_token.is_finite()
+                && cost.per_token >= 0.0,
+            "policy_cost: {cost:?}"
+        );
+    }
+
     let p = params(&mut b);
     let mut err = MsgBuf::new(&mut b);
     let sentinel = 0x10 as *mut kvc_evictor;
@@ -1352,6 +1393,20 @@ pub fn run(data: &[u8]) {
         check, KVC_STATUS_OK,
         "init accepted a policy that policy_check rejects"
     );
+    // an accepted policy is within the bounds it was created with
+    if cost_st == KVC_STATUS_OK {
+        for (c, limit) in [
+            (cost.per_plan, p.max_plan_cost),
+            (cost.per_token, p.max_token_cost),
+        ] {
+            assert!(
+                limit == 0.0 || c <= limit,
+                "init accepted cost {cost:?} over the bounds {} / {}",
+                p.max_plan_cost,
+                p.max_token_cost
+            );
+        }
+    }
 
     let granularity = {
         let mut buf = vec![0u8; 1024];

@@ -26,7 +26,7 @@
  Version of the C ABI; bumped whenever a struct or a signature changes. Callers compare
  `KVC_ABI_VERSION` (compile time) with `kvc_abi_version()` (run time).
  */
-#define KVC_ABI_VERSION 1
+#define KVC_ABI_VERSION 2
 
 /*
  `kvc_seq_view.flags`: the decode call that just ran produced logits for the sequence. With
@@ -34,6 +34,14 @@
  with one new token it is a decode step, where the policy runs every `interval` tokens.
  */
 #define KVC_SEQ_FLAG_PROMPT_END 1
+
+/*
+ Cost units of one GVote ballot, from results/bench-plan.json (SmolLM2-135M shape, 8192
+ cells, 2 threads): a plan with the default 9 ballots took 520 ms, a 9-row dbudget plan 137 ms
+ and a 32-row snapkv plan 225 ms, so a row is ~3.8 ms, the fixed ranking/selection ~27 rows
+ and a ballot ~46 ms = 12 rows (the nucleus sorts the held cells).
+ */
+#define BALLOT_COST 12.0
 
 /*
  Opaque eviction engine: one model shape, one policy, the state of every sequence.
@@ -83,6 +91,16 @@ typedef struct kvc_params {
    `KVC_THREADS` overrides
    */
   uint32_t n_threads;
+  /*
+   the policy is refused (`KVC_STATUS_POLICY_TOO_COSTLY`) when one plan would cost more than
+   this many units (`kvc_cost`); 0 = no bound. Default 2048.
+   */
+  float max_plan_cost;
+  /*
+   ... or when its decode plans would cost more than this many units per generated token
+   (`kvc_cost.per_token`); 0 = no bound. Default 64.
+   */
+  float max_token_cost;
 } kvc_params;
 
 /*
@@ -180,7 +198,27 @@ typedef struct kvc_stats {
    tokens the sequence has seen (highest position + 1)
    */
   uint32_t n_seen;
+  /*
+   cells the policy's own rule would have kept but `max_cells` took (0 = not squeezed)
+   */
+  uint32_t n_squeezed;
 } kvc_stats;
+
+/*
+ What a policy's plans cost (`kvc_policy_cost`), in units of one query row of every query
+ head scored against every held key of every layer: the attention work of decoding one token
+ over the same cells, so the same bound fits every model and cache size.
+ */
+typedef struct kvc_cost {
+  /*
+   the costliest plan (at a prompt end)
+   */
+  float per_plan;
+  /*
+   decode plans' cost per generated token (the plan over `interval`; 0 with `interval=0`)
+   */
+  float per_token;
+} kvc_cost;
 
 /*
  32-bit float
@@ -266,6 +304,11 @@ typedef struct kvc_stats {
  a string argument is not UTF-8
  */
 #define KVC_STATUS_INVALID_UTF8 11
+
+/*
+ the policy's plans would cost more than `kvc_params.max_plan_cost` / `max_token_cost`
+ */
+#define KVC_STATUS_POLICY_TOO_COSTLY 12
 
 /*
  a panic was caught inside the library (a bug: please report it)
@@ -412,6 +455,21 @@ kvc_status kvc_policy_check(const char *policy,
                             size_t n_kv,
                             char *err,
                             size_t err_len);
+
+/*
+ What a policy's plans cost (`kvc_cost`), without a model: an engine compares it with the
+ bound it lets a client reach before creating anything. `err` as in `kvc_policy_check`.
+
+ # Safety
+ `policy` a C string, `kv` an array of `n_kv` C strings, `out` writable, `err` writable for
+ `err_len` bytes.
+ */
+kvc_status kvc_policy_cost(const char *policy,
+                           const char *const *kv,
+                           size_t n_kv,
+                           struct kvc_cost *out,
+                           char *err,
+                           size_t err_len);
 
 /*
  Comma-separated policy names ("none,streaming,..."). Static.

@@ -74,6 +74,23 @@ pub enum Error {
     /// A C string argument is not valid UTF-8.
     #[error("argument `{0}` is not valid UTF-8")]
     InvalidUtf8(&'static str),
+    /// The policy's plans would cost more than the engine allows (`kvc_params.max_plan_cost`,
+    /// `max_token_cost`); the message names the parameters that set the cost.
+    #[error(
+        "policy '{policy}' costs {cost:.1} units per {per} (limit {limit:.1}; a unit is one query row scored against every held key, about the attention work of decoding one token){hint}"
+    )]
+    TooCostly {
+        /// the policy as described (`name k=v ...`)
+        policy: String,
+        /// "plan" or "generated token"
+        per: &'static str,
+        /// its cost
+        cost: f32,
+        /// the bound it exceeds
+        limit: f32,
+        /// what to change, starting with "; " (or empty)
+        hint: String,
+    },
     /// A panic inside the library was caught at the C boundary.
     #[error("internal panic: {0}")]
     Panic(String),

@@ -71,6 +71,8 @@ pub struct Stats {
     pub budget: usize,
     /// tokens seen by the sequence
     pub n_seen: usize,
+    /// cells the rule would have kept but the engine's cap took (`max_cells`)
+    pub n_squeezed: usize,
 }
 
 /// The eviction plan for one sequence.
@@ -401,6 +403,13 @@ impl Evictor {
                 n_evict: evict.len(),
                 budget: decision.budget,
                 n_seen,
+                // the cap lowered the target below the rule's budget: the cells between what
+                // the rule wanted (at most what is held) and what is kept
+                n_squeezed: if capped {
+                    decision.budget.min(n).saturating_sub(n_keep)
+                } else {
+                    0
+                },
             },
             evict,
         })
@@ -622,6 +631,35 @@ mod tests {
     fn interval(mut x: TargetIn, since: i64) -> TargetIn {
         x.adaptive_interval = Some(since);
         x
+    }
+
+    /// `n_squeezed`: what the engine's cap took from the rule's budget, 0 without a cap or
+    /// under a cap the budget fits (streaming reads no K, so no keys are needed)
+    #[test]
+    fn squeezed_counts_the_cells_the_cap_took_from_the_budget() {
+        let shape = Shape::new(2, 2, 1, 4, 0.0).unwrap();
+        let cells: Vec<u32> = (0..100).collect();
+        let pos: Vec<i32> = (0..100).collect();
+        let run = |max_cells: usize| {
+            let policy = Policy::parse("streaming", &["ratio=0.5"]).unwrap();
+            let mut ev = Evictor::new(shape, policy, Parallelism::new(1), Backend::Cpu).unwrap();
+            let s = SeqInput {
+                seq_id: 0,
+                cells: &cells,
+                pos: &pos,
+                max_cells,
+                prompt_end: true,
+            };
+            ev.plan(&s, None).unwrap().stats
+        };
+        let free = run(0);
+        assert_eq!((free.budget, free.n_keep, free.n_squeezed), (50, 50, 0));
+        let roomy = run(80);
+        assert_eq!((roomy.n_keep, roomy.n_squeezed), (50, 0));
+        let tight = run(20);
+        assert_eq!(tight.budget, 50);
+        assert_eq!(tight.n_keep, 19);
+        assert_eq!(tight.n_squeezed, 50 - 19);
     }
 
     #[test]

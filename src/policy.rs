@@ -13,7 +13,7 @@ use crate::budget::{
 use crate::error::{Error, Result};
 use crate::score::{
     Accumulated, ContextAttention, GVote, GqaReduce, KeyNorm, Position, PositionWithQueries,
-    Scorer, WindowAttention,
+    QuerySel, Scorer, WindowAttention,
 };
 use std::collections::BTreeMap;
 
@@ -691,6 +691,54 @@ impl Values {
     }
 }
 
+/// What a policy's plans cost, from its parameters alone (no model, no input), so that an engine
+/// can bound what a client may ask for before anything runs.
+///
+/// The unit is one query row of every query head scored against every held key of every layer:
+/// the Q·K work of decoding one token over the same cells. Every plan's work grows with the cells
+/// held and the model's size the way this unit does, so one bound holds for every model and
+/// cache size and reads as "a plan may cost the attention of N decoded tokens" (decoding also
+/// pays the weights, so a unit is less than a decoded token).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Cost {
+    /// the costliest plan (the prompt end, where the most query rows are read)
+    pub per_plan: f32,
+    /// decode plans' cost spread over the `interval` tokens between them (0 with `interval=0`)
+    pub per_token: f32,
+}
+
+/// Bounds on [`Cost`]; 0 = no bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostLimit {
+    /// largest [`Cost::per_plan`]
+    pub per_plan: f32,
+    /// largest [`Cost::per_token`]
+    pub per_token: f32,
+}
+
+impl Default for CostLimit {
+    /// The library's bounds (`kvc_params_default()`). Every policy at its defaults costs at most
+    /// 137 units per plan and 4.3 per token (gvote); the bounds leave room for larger windows and
+    /// samples and refuse the hostile request (gvote samples=1024 interval=1: 12 329
+    /// units per plan and per token; 592 s for 32 tokens after a 2.8K prompt on SmolLM2-135M).
+    fn default() -> Self {
+        CostLimit {
+            per_plan: 2048.0,
+            per_token: 64.0,
+        }
+    }
+}
+
+/// Ranking and selecting the kept cells, once per plan of a policy that reads K (a sort of the
+/// held cells per unit, pooling, the keep sets): ~27 rows in results/bench-plan.json (see
+/// `score::gvote::BALLOT_COST`).
+const SELECT_COST: f32 = 27.0;
+/// A position ranking sorts no scores.
+const POSITION_SELECT_COST: f32 = 1.0;
+/// `granularity=layer|head`: one keep mask per layer (head) and the engine's re-pack, each about
+/// one pass over the held rows.
+const PER_UNIT_SETS_COST: f32 = 2.0;
+
 /// A parsed policy: the three stages plus the knobs shared by all policies.
 pub struct Policy {
     /// its name (one of [`POLICY_NAMES`])
@@ -804,6 +852,89 @@ impl Policy {
             granularity,
             resolved,
         })
+    }
+
+    /// What its plans cost ([`Cost`]).
+    pub fn cost(&self) -> Cost {
+        let Some(scorer) = self.scorer.as_deref() else {
+            return Cost::default();
+        };
+        // query rows read at the prompt end and at a decode step: the newest `n`, or (H2O) every
+        // row since the last run, which at decode is the interval
+        let (prompt_rows, decode_rows) = match scorer.queries() {
+            QuerySel::None => (0, 0),
+            QuerySel::Last(n) => (n, n),
+            QuerySel::Unconsumed => (self.window.max(1) + self.interval, self.interval.max(1)),
+            // every plan reads the remembered spread rows: bounded by the ring's cap, whatever the
+            // prompt's length
+            QuerySel::Spread { newest, cap, .. } => (cap + newest, cap + newest),
+        };
+        let select = if scorer.needs_keys() {
+            SELECT_COST
+        } else {
+            POSITION_SELECT_COST
+        };
+        let newest = if self.rule.needs_newest_attention() {
+            1.0
+        } else {
+            0.0
+        };
+        let sets = if self.granularity == Granularity::Token {
+            0.0
+        } else {
+            PER_UNIT_SETS_COST
+        };
+        let fixed = select + newest + sets;
+        let per_token = if self.interval == 0 {
+            0.0
+        } else {
+            (scorer.cost_units(decode_rows) + fixed) / self.interval as f32
+        };
+        Cost {
+            per_plan: scorer.cost_units(prompt_rows) + fixed,
+            per_token,
+        }
+    }
+
+    /// Its [`Cost`], or [`Error::TooCostly`] naming what to change when it exceeds `limit`.
+    /// Refused, not degraded: a policy quietly run with other parameters would answer a client
+    /// differently from what it asked for, and the client could not tell.
+    pub fn check_cost(&self, limit: &CostLimit) -> Result<Cost> {
+        let c = self.cost();
+        let has = |k: &str| self.resolved.iter().any(|(key, _)| key == k);
+        let drivers: Vec<&str> = ["samples", "window"]
+            .into_iter()
+            .filter(|k| has(k))
+            .collect();
+        let lower = if drivers.is_empty() {
+            String::new()
+        } else {
+            format!("lower {}", drivers.join(" or "))
+        };
+        let too = |per: &'static str, cost: f32, limit: f32, hint: String| Error::TooCostly {
+            policy: self.describe(),
+            per,
+            cost,
+            limit,
+            hint: if hint.is_empty() {
+                hint
+            } else {
+                format!("; {hint}")
+            },
+        };
+        if limit.per_plan > 0.0 && c.per_plan > limit.per_plan {
+            return Err(too("plan", c.per_plan, limit.per_plan, lower));
+        }
+        if limit.per_token > 0.0 && c.per_token > limit.per_token {
+            let raise = "raise interval (0 = at the prompt end only)";
+            let hint = if lower.is_empty() {
+                raise.to_string()
+            } else {
+                format!("{raise} or {lower}")
+            };
+            return Err(too("generated token", c.per_token, limit.per_token, hint));
+        }
+        Ok(c)
     }
 
     /// `name k=v k=v ...` with every resolved parameter.
@@ -925,6 +1056,89 @@ mod tests {
         assert!(!p.rule.needs_newest_attention());
         let p = Policy::parse("gvote", &[]).unwrap();
         assert_eq!(p.scorer.as_ref().unwrap().device(), DeviceScore::Host);
+    }
+
+    /// The cost is the policy's, from its parameters: the defaults fit the library's bounds,
+    /// the cost drivers (samples, window, interval) move it, neutral knobs do not, and the
+    /// issue's hostile request is refused with a message naming what to change.
+    #[test]
+    fn cost_follows_the_parameters_that_drive_it() {
+        let limit = CostLimit::default();
+        let cost = |name: &str, kv: &[&str]| Policy::parse(name, kv).unwrap().cost();
+        for name in POLICY_NAMES {
+            let c = Policy::parse(name, &[])
+                .unwrap()
+                .check_cost(&limit)
+                .unwrap();
+            assert!(c.per_plan <= 137.0 && c.per_token <= 4.3, "{name}: {c:?}");
+        }
+        assert_eq!(cost("none", &[]), Cost::default());
+        let g = cost("gvote", &[]);
+        assert_eq!(g.per_plan, 9.0 * 12.0 + 2.0 + 27.0);
+        assert_eq!(g.per_token, g.per_plan / 32.0);
+        assert!(cost("gvote", &["samples=64"]).per_plan > g.per_plan);
+        assert_eq!(cost("gvote", &["interval=0"]).per_token, 0.0);
+        assert_eq!(cost("gvote", &["interval=1"]).per_token, g.per_plan);
+        assert_eq!(cost("gvote", &["quorum=0", "p=0.5", "seed=3"]), g);
+        let s = cost("snapkv", &[]);
+        assert_eq!(s.per_plan, 32.0 + 27.0);
+        assert_eq!(cost("snapkv", &["ratio=0.2", "gqa=max"]), s);
+        assert_eq!(cost("snapkv", &["window=64"]).per_plan, 64.0 + 27.0);
+        assert_eq!(
+            cost("snapkv", &["granularity=layer"]).per_plan,
+            s.per_plan + 2.0
+        );
+        assert_eq!(cost("dbudget", &[]).per_plan, 8.0 + 27.0 + 1.0);
+        assert_eq!(cost("dbudget", &["ranker=position"]).per_plan, 27.0 + 1.0);
+        // the context ranker reads its remembered spread rows at every plan: bounded by the
+        // ring's cap (not the prompt's length), and within the default bounds
+        let ctx = Policy::parse("dbudget", &["ranker=context"])
+            .unwrap()
+            .check_cost(&limit)
+            .unwrap();
+        assert!(ctx.per_plan > cost("dbudget", &[]).per_plan, "{ctx:?}");
+        assert_eq!(cost("streaming", &[]).per_plan, 1.0);
+        // H2O reads every row since its last run: the interval's rows at a decode step
+        let h = cost("h2o", &["interval=4"]);
+        assert_eq!(
+            (h.per_plan, h.per_token),
+            (32.0 + 4.0 + 27.0, (4.0 + 27.0) / 4.0)
+        );
+
+        let hostile = ["samples=1024", "window=4096", "interval=1"];
+        let e = Policy::parse("gvote", &hostile)
+            .unwrap()
+            .check_cost(&limit)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::TooCostly { per: "plan", .. }), "{msg}");
+        assert!(
+            msg.contains("12329.0 units per plan") && msg.contains("lower samples or window"),
+            "{msg}"
+        );
+        let e = Policy::parse("gvote", &["samples=64", "interval=1"])
+            .unwrap()
+            .check_cost(&limit)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooCostly {
+                    per: "generated token",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("raise interval"), "{e}");
+        let none = CostLimit {
+            per_plan: 0.0,
+            per_token: 0.0,
+        };
+        assert!(Policy::parse("gvote", &hostile)
+            .unwrap()
+            .check_cost(&none)
+            .is_ok());
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod boundary;
 use crate::backend::{Backend, Parallelism};
 use crate::error::{Error, Result};
 use crate::evictor::{Evictor, SeqInput};
-use crate::policy::{Policy, POLICY_NAMES};
+use crate::policy::{CostLimit, Policy, POLICY_NAMES};
 use crate::view::{Dtype, KeyLayer, Keys, Shape};
 use boundary::{c_str, c_str_array, guard, guard_value, slice, write_msg};
 use std::cell::RefCell;
@@ -25,7 +25,7 @@ use std::ffi::{c_char, CString};
 
 /// Version of the C ABI; bumped whenever a struct or a signature changes. Callers compare
 /// `KVC_ABI_VERSION` (compile time) with `kvc_abi_version()` (run time).
-pub const KVC_ABI_VERSION: u32 = 1;
+pub const KVC_ABI_VERSION: u32 = 2;
 
 /// Status of a call: `KVC_STATUS_OK` (0) or one of the `KVC_STATUS_*` errors.
 pub type kvc_status = u32;
@@ -57,6 +57,8 @@ pub mod status {
     pub const KVC_STATUS_ABI_MISMATCH: kvc_status = 10;
     /// a string argument is not UTF-8
     pub const KVC_STATUS_INVALID_UTF8: kvc_status = 11;
+    /// the policy's plans would cost more than `kvc_params.max_plan_cost` / `max_token_cost`
+    pub const KVC_STATUS_POLICY_TOO_COSTLY: kvc_status = 12;
     /// a panic was caught inside the library (a bug: please report it)
     pub const KVC_STATUS_PANIC: kvc_status = 100;
 }
@@ -77,6 +79,7 @@ impl Error {
             Error::CudaUnavailable(_) => KVC_STATUS_CUDA_UNAVAILABLE,
             Error::AbiMismatch { .. } => KVC_STATUS_ABI_MISMATCH,
             Error::InvalidUtf8(_) => KVC_STATUS_INVALID_UTF8,
+            Error::TooCostly { .. } => KVC_STATUS_POLICY_TOO_COSTLY,
             Error::Panic(_) => KVC_STATUS_PANIC,
         }
     }
@@ -134,6 +137,24 @@ pub struct kvc_params {
     /// 0 = all cores, 1 = serial, N = N threads, at most the number of cores (at least 2); env
     /// `KVC_THREADS` overrides
     pub n_threads: u32,
+    /// the policy is refused (`KVC_STATUS_POLICY_TOO_COSTLY`) when one plan would cost more than
+    /// this many units (`kvc_cost`); 0 = no bound. Default 2048.
+    pub max_plan_cost: f32,
+    /// ... or when its decode plans would cost more than this many units per generated token
+    /// (`kvc_cost.per_token`); 0 = no bound. Default 64.
+    pub max_token_cost: f32,
+}
+
+/// What a policy's plans cost (`kvc_policy_cost`), in units of one query row of every query
+/// head scored against every held key of every layer: the attention work of decoding one token
+/// over the same cells, so the same bound fits every model and cache size.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct kvc_cost {
+    /// the costliest plan (at a prompt end)
+    pub per_plan: f32,
+    /// decode plans' cost per generated token (the plan over `interval`; 0 with `interval=0`)
+    pub per_token: f32,
 }
 
 /// K of one cache layer. Row `r` starts at `(const char *)k + r * k_row_stride`; within a row,
@@ -187,6 +208,8 @@ pub struct kvc_stats {
     pub budget: u32,
     /// tokens the sequence has seen (highest position + 1)
     pub n_seen: u32,
+    /// cells the policy's own rule would have kept but `max_cells` took (0 = not squeezed)
+    pub n_squeezed: u32,
 }
 
 /// Opaque eviction engine: one model shape, one policy, the state of every sequence.
@@ -234,7 +257,29 @@ pub extern "C" fn kvc_params_default() -> kvc_params {
         kq_scale: 0.0,
         backend: KVC_BACKEND_CPU,
         n_threads: 0,
+        max_plan_cost: CostLimit::default().per_plan,
+        max_token_cost: CostLimit::default().per_token,
     }
+}
+
+/// `kvc_params`' cost bounds, checked: finite and >= 0.
+fn cost_limit(p: &kvc_params) -> Result<CostLimit> {
+    for (name, v) in [
+        ("max_plan_cost", p.max_plan_cost),
+        ("max_token_cost", p.max_token_cost),
+    ] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(Error::InvalidParamValue {
+                name: name.into(),
+                value: v.to_string(),
+                why: "expected a finite number >= 0 (0 = no bound)".into(),
+            });
+        }
+    }
+    Ok(CostLimit {
+        per_plan: p.max_plan_cost,
+        per_token: p.max_token_cost,
+    })
 }
 
 /// Create an evictor for a model shape and a policy with `name=value` overrides.
@@ -280,6 +325,7 @@ pub unsafe extern "C" fn kvc_evictor_init(
             let name = c_str(policy, "policy")?;
             let overrides = c_str_array(kv, n_kv, "kv")?;
             let policy = Policy::parse(name, &overrides)?;
+            policy.check_cost(&cost_limit(&p)?)?;
             let inner = Evictor::new(
                 shape,
                 policy,
@@ -491,6 +537,7 @@ pub unsafe extern "C" fn kvc_evictor_plan(
                 n_evict: s.n_evict as u32,
                 budget: s.budget as u32,
                 n_seen: s.n_seen as u32,
+                n_squeezed: s.n_squeezed as u32,
             };
         }
         Ok(())
@@ -609,6 +656,40 @@ pub unsafe extern "C" fn kvc_policy_check(
     )
 }
 
+/// What a policy's plans cost (`kvc_cost`), without a model: an engine compares it with the
+/// bound it lets a client reach before creating anything. `err` as in `kvc_policy_check`.
+///
+/// # Safety
+/// `policy` a C string, `kv` an array of `n_kv` C strings, `out` writable, `err` writable for
+/// `err_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_policy_cost(
+    policy: *const c_char,
+    kv: *const *const c_char,
+    n_kv: usize,
+    out: *mut kvc_cost,
+    err: *mut c_char,
+    err_len: usize,
+) -> kvc_status {
+    guard(
+        |e| write_msg(err, err_len, &e.c_message()),
+        || {
+            if out.is_null() {
+                return Err(Error::NullArgument("out"));
+            }
+            let name = c_str(policy, "policy")?;
+            let overrides = c_str_array(kv, n_kv, "kv")?;
+            let c = Policy::parse(name, &overrides)?.cost();
+            *out = kvc_cost {
+                per_plan: c.per_plan,
+                per_token: c.per_token,
+            };
+            write_msg(err, err_len, "");
+            Ok(())
+        },
+    )
+}
+
 static POLICY_LIST: std::sync::OnceLock<CString> = std::sync::OnceLock::new();
 
 /// Comma-separated policy names ("none,streaming,..."). Static.
@@ -637,6 +718,7 @@ pub extern "C" fn kvc_status_str(status: kvc_status) -> *const c_char {
         KVC_STATUS_CUDA_UNAVAILABLE => c"CUDA unavailable",
         KVC_STATUS_ABI_MISMATCH => c"ABI version mismatch",
         KVC_STATUS_INVALID_UTF8 => c"string argument is not UTF-8",
+        KVC_STATUS_POLICY_TOO_COSTLY => c"policy too costly for the engine's bound",
         KVC_STATUS_PANIC => c"internal panic (a bug)",
         _ => c"unknown status code",
     };

@@ -13,6 +13,12 @@
 use super::{QuerySel, Scorer, UnitCtx};
 use crate::kernels;
 
+/// Cost units of one GVote ballot, from results/bench-plan.json (SmolLM2-135M shape, 8192
+/// cells, 2 threads): a plan with the default 9 ballots took 520 ms, a 9-row dbudget plan 137 ms
+/// and a 32-row snapkv plan 225 ms, so a row is ~3.8 ms, the fixed ranking/selection ~27 rows
+/// and a ballot ~46 ms = 12 rows (the nucleus sorts the held cells).
+pub const BALLOT_COST: f32 = 12.0;
+
 /// The GVote scorer: per cell, the fraction of (query head, sample) nuclei that contain it.
 #[derive(Debug, Clone)]
 pub struct GVote {
@@ -65,6 +71,13 @@ impl GVote {
 impl Scorer for GVote {
     fn queries(&self) -> QuerySel {
         QuerySel::Last(self.window)
+    }
+    /// Each ballot (the newest query and every sample, per query head) is one attention row
+    /// plus a sort of the held cells for its nucleus, which dominates: `BALLOT_COST` units. The
+    /// Gaussian fit reads the window twice (`2 * window * head_dim` per head, at most 2 units
+    /// while the window is no longer than the cells held).
+    fn cost_units(&self, _rows: usize) -> f32 {
+        (self.samples + 1) as f32 * BALLOT_COST + 2.0
     }
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
         let n = u.n();

@@ -218,6 +218,16 @@ pub trait Scorer: Send + Sync {
     fn device(&self) -> DeviceScore {
         DeviceScore::Host
     }
+    /// Scoring work of one plan that reads `rows` query rows, in cost units (one query row of
+    /// every query head against every held key; `policy::Cost`). The default: each row read is
+    /// one unit, a K-only scorer one pass over K, a position scorer nothing.
+    fn cost_units(&self, rows: usize) -> f32 {
+        match (self.needs_keys(), self.queries()) {
+            (false, _) => 0.0,
+            (true, QuerySel::None) => 1.0,
+            (true, _) => rows as f32,
+        }
+    }
 }
 
 /// Scores of every unit: `units[layer * n_head_kv + kv_head][cell]`.

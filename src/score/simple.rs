@@ -57,6 +57,10 @@ impl Scorer for PositionWithQueries {
     fn queries(&self) -> QuerySel {
         QuerySel::Last(self.window)
     }
+    /// the rows are the rule's (it adds its own cost), the ranking reads none
+    fn cost_units(&self, _rows: usize) -> f32 {
+        0.0
+    }
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
         u.pos.iter().map(|&p| p as f32).collect()
     }

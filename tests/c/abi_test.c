@@ -211,7 +211,7 @@ static void test_status_str(void) {
         KVC_STATUS_UNSUPPORTED_DTYPE,   KVC_STATUS_NON_FINITE_INPUT, KVC_STATUS_UNKNOWN_POLICY,
         KVC_STATUS_UNKNOWN_PARAM,       KVC_STATUS_INVALID_PARAM_VALUE,
         KVC_STATUS_BUFFER_TOO_SMALL,    KVC_STATUS_CUDA_UNAVAILABLE, KVC_STATUS_ABI_MISMATCH,
-        KVC_STATUS_INVALID_UTF8,        KVC_STATUS_PANIC,
+        KVC_STATUS_INVALID_UTF8,        KVC_STATUS_POLICY_TOO_COSTLY, KVC_STATUS_PANIC,
     };
     const size_t n = sizeof codes / sizeof codes[0];
     const char *unknown = kvc_status_str(12345u);
@@ -229,6 +229,52 @@ static void test_status_str(void) {
                   (unsigned)codes[i], (unsigned)codes[j], s);
     }
     CHECK(strcmp(kvc_status_str(KVC_STATUS_OK), "ok") == 0, "OK text");
+}
+
+/* the plan-cost bound: kvc_policy_cost without a model, kvc_params.max_*_cost at init */
+static void test_policy_cost(void) {
+    /* the hostile request: every value in range, 592 s for 32 tokens on SmolLM2 */
+    const char *hostile[] = {"samples=1024", "window=4096", "interval=1"};
+    const char *slow[] = {"samples=64", "interval=1"};
+    kvc_cost c = {-1.0f, -1.0f}, d = {-1.0f, -1.0f};
+    kvc_params p = toy_params();
+    kvc_evictor *ev = NULL;
+    char err[512];
+    CHECK(p.max_plan_cost > 0.0f && p.max_token_cost > 0.0f, "default bounds %g %g",
+          p.max_plan_cost, p.max_token_cost);
+    CHECK_ST(kvc_policy_cost("gvote", NULL, 0, &d, err, sizeof err), KVC_STATUS_OK);
+    CHECK(d.per_plan > 0.0f && d.per_plan <= p.max_plan_cost && d.per_token > 0.0f &&
+              d.per_token <= p.max_token_cost,
+          "gvote defaults cost %g / %g", d.per_plan, d.per_token);
+    CHECK_ST(kvc_policy_cost("gvote", hostile, 3, &c, err, sizeof err), KVC_STATUS_OK);
+    CHECK(c.per_plan > 50.0f * d.per_plan && c.per_token == c.per_plan,
+          "hostile gvote costs %g / %g", c.per_plan, c.per_token);
+    CHECK_ST(kvc_policy_cost("none", NULL, 0, &c, err, sizeof err), KVC_STATUS_OK);
+    CHECK(c.per_plan == 0.0f && c.per_token == 0.0f, "none costs %g / %g", c.per_plan,
+          c.per_token);
+    CHECK_ST(kvc_policy_cost("gvote", hostile, 3, NULL, err, sizeof err),
+             KVC_STATUS_NULL_ARGUMENT);
+    CHECK_ST(kvc_policy_cost("nope", NULL, 0, &c, err, sizeof err), KVC_STATUS_UNKNOWN_POLICY);
+
+    /* refused at init by the default bounds, with the cost and what to change */
+    CHECK_ST(kvc_evictor_init(&p, "gvote", hostile, 3, &ev, err, sizeof err),
+             KVC_STATUS_POLICY_TOO_COSTLY);
+    CHECK(ev == NULL, "no handle on a refusal");
+    CHECK(contains(err, "per plan") && contains(err, "samples"), "message: %s", err);
+    /* within the plan bound, over the per-token one: raise interval */
+    CHECK_ST(kvc_evictor_init(&p, "gvote", slow, 2, &ev, err, sizeof err),
+             KVC_STATUS_POLICY_TOO_COSTLY);
+    CHECK(contains(err, "per generated token") && contains(err, "interval"), "message: %s", err);
+    /* 0 = no bound */
+    p.max_plan_cost = 0.0f;
+    p.max_token_cost = 0.0f;
+    CHECK_ST(kvc_evictor_init(&p, "gvote", hostile, 3, &ev, err, sizeof err), KVC_STATUS_OK);
+    kvc_evictor_free(ev);
+    ev = NULL;
+    p.max_token_cost = -1.0f;
+    CHECK_ST(kvc_evictor_init(&p, "gvote", NULL, 0, &ev, err, sizeof err),
+             KVC_STATUS_INVALID_PARAM_VALUE);
+    CHECK(contains(err, "max_token_cost"), "message: %s", err);
 }
 
 static void test_policy_names_and_check(void) {
@@ -975,6 +1021,7 @@ int main(void) {
     test_version();
     test_status_str();
     test_policy_names_and_check();
+    test_policy_cost();
     test_init_errors();
     test_push_and_due();
     {

@@ -8,7 +8,8 @@
    passkey; llama-cli wraps the prompt in the chat template, where this 135M model does not find it
    even with the full cache, so there the check is the unchanged answer.
 2. bad values fail before the model loads, with a message naming the flag: an unknown policy, a
-   parameter the policy does not have, a value out of range, a malformed `--kv-policy-param`.
+   parameter the policy does not have, a value out of range, a malformed `--kv-policy-param`, a policy
+   over the plan-cost bound (patch 0010) and a malformed `--kv-policy-max-cost`.
 """
 import os
 import sys
@@ -74,6 +75,9 @@ BAD = [
     (["--kv-policy", "snapkv", "--kv-policy-param", "ratio=1.5"], "ratio"),
     (["--kv-policy", "snapkv", "--kv-policy-param", "ratio"], "\"--kv-policy-param\": expected KEY=VALUE"),
     (["--kv-policy", "snapkv", "--kv-policy-param", "granularity=cell"], "granularity"),
+    # patch 0010: over the plan-cost bound (the issue's hostile gvote: 12329 units per plan, limit 2048), a bad bound
+    (["--kv-policy", "gvote", "--kv-policy-param", "samples=1024,window=4096,interval=1"], "--kv-policy-max-cost"),
+    (["--kv-policy", "snapkv", "--kv-policy-max-cost", "lots"], "--kv-policy-max-cost: expected numbers"),
 ]
 for tool in TOOLS:
     for extra, name in BAD:

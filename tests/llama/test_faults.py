@@ -20,6 +20,7 @@
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -83,7 +84,9 @@ c.check(p.returncode == 0, "library missing: llama-completion (default policy no
 stub_dir = os.path.join(k.TMP, "stub")
 os.makedirs(stub_dir, exist_ok=True)
 stubs = {}
-for name, abi in (("abi999", 999), ("abi1-empty", 1)):
+# the right ABI version is the header's (it is bumped whenever a struct or signature changes)
+ABI = int(re.search(r"#define KVC_ABI_VERSION (\d+)", open(os.path.join(k.ROOT, "include", "kvcompress.h")).read()).group(1))
+for name, abi in (("abi999", 999), ("abi-right-empty", ABI)):
     src = os.path.join(stub_dir, name + ".c")
     with open(src, "w") as f:
         f.write("#include <stdint.h>\nuint32_t kvc_abi_version(void) { return %d; }\n" % abi)
@@ -97,7 +100,7 @@ c.check(clean_exit(rc) and "ABI version 999" in err and "this build expects" in 
         "wrong ABI: refused at startup (rc %d): %s" % (rc, last_error_line(err)))
 rc, out, err = kvc_run("-n", "4", "--kv-policy", "none", env={"LLAMA_KVCOMPRESS_LIB": stubs["abi999"]})
 c.check(rc == 0 and out is not None, "wrong ABI: --kv-policy none still runs (rc %d)" % rc)
-rc, out, err = kvc_run("-n", "4", "--kv-policy", "snapkv", env={"LLAMA_KVCOMPRESS_LIB": stubs["abi1-empty"]})
+rc, out, err = kvc_run("-n", "4", "--kv-policy", "snapkv", env={"LLAMA_KVCOMPRESS_LIB": stubs["abi-right-empty"]})
 c.check(clean_exit(rc) and "has no symbol kvc_" in err,
         "right ABI, missing symbols: refused at startup (rc %d): %s" % (rc, last_error_line(err)))
 
@@ -168,7 +171,8 @@ finally:
 # the failpoint server: the 3rd plan call fails; slot save/restore afterwards
 slot_dir = os.path.join(k.TMP, "faults-slots")
 os.makedirs(slot_dir, exist_ok=True)
-srv = k.Server("failpoint", ["-np", "1", "-c", "2048", "--slot-save-path", slot_dir], env={"KVC_FAILPOINT": "plan:3"})
+srv = k.Server("failpoint", ["-np", "1", "-c", "2048", "--slot-save-path", slot_dir, "--kv-policy-allow-params", "all"],
+               env={"KVC_FAILPOINT": "plan:3"})
 try:
     up = srv.wait_up()
     c.check(up, "failpoint server starts (pid %d)" % srv.proc.pid)

@@ -91,6 +91,8 @@ class Server:
              "--metrics", "--slots", "--no-warmup",
              # no RAM prompt cache: a slot's state must come only from what it processed (see test_server)
              "--cache-ram", "0",
+             # requests set window, samples and interval (within the default cost bound)
+             "--kv-policy-allow-params", "all",
              "--kv-policy", "dbudget"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
         while True:

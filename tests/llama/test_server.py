@@ -37,6 +37,7 @@ os.makedirs(k.TMP, exist_ok=True)
 log = open(log_path, "w")
 srv = subprocess.Popen([os.path.join(k.BIN, "llama-server"), "-m", k.MODEL, "--host", "127.0.0.1", "--port", str(PORT),
                         "-np", "4", "-c", str(4 * N_CTX_SLOT), "-t", "1", "-b", "256", "--metrics", "--no-warmup", "--cache-ram", "0",
+                        "--kv-policy-allow-params", "all",  # a request sets window (within the default cost bound)
                         "--kv-policy", "dbudget"], stdout=log, stderr=subprocess.STDOUT)
 
 
