@@ -112,6 +112,22 @@ def vartrack(tokens, depth, seed):
     return dict(task="vartrack", context="".join(parts), question=q, answer=names[0])
 
 
+def chat(tokens, depth, seed):
+    """Two turns over one context (eval/run.py --flow chat): four special magic numbers in prose
+    (needle-multikey's context); turn 1 asks for the first, turn 2 for the second, which nobody had
+    asked about when the context was compressed."""
+    inst = needle(tokens, depth, seed, "multikey")
+    rng = random.Random(seed)
+    names = ["copper", "violet", "harbor", "meadow", "lantern", "orchid", "falcon", "glacier"]
+    keys = rng.sample(names, 4)  # the same draws as needle()
+    vals = [str(rng.randint(100000, 999999)) for _ in keys]
+    ask = keys[1]
+    q2 = f"\nWhat is the special magic {ask} number mentioned in the text above? The special magic {ask} number is"
+    return dict(task="chat", context=inst["context"], question=inst["question"], answer=inst["answer"],
+                question2=q2, answer2=vals[1], id=f"chat-{tokens}-{depth:g}-{seed}", depth=depth,
+                target_tokens=tokens, seed=seed)
+
+
 GENERATORS = {
     "passkey": passkey,
     "needle-single": lambda t, d, s: needle(t, d, s, "single"),
