@@ -1,7 +1,7 @@
 //! GVote (arXiv 2509.03136): sample plausible *future* queries and let each vote for the keys
 //! it needs. The paper keeps the union of the votes; here the rule
 //! (`budget::Vote`) keeps the cells a quorum of (layer, KV head) units votes for
-//! (`quorum=0.35` by default; `quorum=0` is the union).
+//! (`quorum=0.5` by default; `quorum=0` is the union).
 //!
 //! The paper fits a Gaussian to normalized hidden states and projects samples through W_q.
 //! The library never sees hidden states or weights, so it fits the Gaussian directly to the
