@@ -580,7 +580,9 @@ def run_chat(a, model, out_path):
     import kvc_common as k
     k.MODEL = model
     k.THREADS = str(a.threads * max(1, a.workers))
-    insts = [tasks.chat(n, d, seed) for seed in CHAT["seeds"] for n in CHAT["lengths"] for d in CHAT["depths"]]
+    # a seed per depth, so that the conversations differ in their numbers too
+    insts = [tasks.chat(n, d, seed * 100 + j) for seed in CHAT["seeds"] for n in CHAT["lengths"]
+             for j, d in enumerate(CHAT["depths"])]
     n_ctx = (int(max(CHAT["lengths"]) * 1.3) + 512 + 255) // 256 * 256
     srv = k.Server("chat-" + Path(model).stem, ["-c", str(n_ctx), "-np", "1"])
     rows = []

@@ -113,19 +113,18 @@ def vartrack(tokens, depth, seed):
 
 
 def chat(tokens, depth, seed):
-    """Two turns over one context (eval/run.py --flow chat): four special magic numbers in prose
-    (needle-multikey's context); turn 1 asks for the first, turn 2 for the second, which nobody had
-    asked about when the context was compressed."""
-    inst = needle(tokens, depth, seed, "multikey")
-    rng = random.Random(seed)
-    names = ["copper", "violet", "harbor", "meadow", "lantern", "orchid", "falcon", "glacier"]
-    keys = rng.sample(names, 4)  # the same draws as needle()
-    vals = [str(rng.randint(100000, 999999)) for _ in keys]
-    ask = keys[1]
-    q2 = f"\nWhat is the special magic {ask} number mentioned in the text above? The special magic {ask} number is"
-    return dict(task="chat", context=inst["context"], question=inst["question"], answer=inst["answer"],
-                question2=q2, answer2=vals[1], id=f"chat-{tokens}-{depth:g}-{seed}", depth=depth,
-                target_tokens=tokens, seed=seed)
+    """Two turns over one context (eval/run.py --flow chat): a special magic number (needle-single)
+    and a pass key in the same prose, at `depth` and at 1 - depth; turn 1 asks for the number,
+    turn 2 for the pass key, which nobody had asked about when the context was compressed.
+    (A second magic number among decoys was tried first: SmolLM2's full cache got it wrong after
+    a first turn, so there was nothing to compare against.)"""
+    inst = needle(tokens, depth, seed, "single")
+    key = random.Random(seed + 7919).randint(10000, 99999)
+    context = insert_at_depth(inst["context"], f"The pass key is {key}. Remember it. {key} is the pass key.",
+                              1.0 - depth)
+    return dict(task="chat", context=context, question=inst["question"], answer=inst["answer"],
+                question2="\nWhat is the pass key? The pass key is", answer2=str(key),
+                id=f"chat-{tokens}-{depth:g}-{seed}", depth=depth, target_tokens=tokens, seed=seed)
 
 
 GENERATORS = {
