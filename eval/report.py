@@ -189,7 +189,10 @@ def markdown(s, title="# kvcompress evaluation results", extras=True):
         lines += ["", "## 8K prompts", ""] + long_md
     two = models_md(Path(ROOT / "results"))
     if two:
-        lines += ["", "## Two models: SmolLM2-135M and gemma3-270m", ""] + two
+        lines += ["", "## Two models: SmolLM2-135M and gemma3-270m", "",
+                  "Smaller runs than the table above, each with its own command and file. The table above is "
+                  "the full preset on SmolLM2 as last recorded (its `gvote` row is the default of that run, see "
+                  "its commit); the full preset has not been run on gemma3-270m (`make eval` does both).", ""] + two
     lines += ["", "## Plots", "", "![accuracy vs kept fraction](accuracy-vs-kept.png)", "",
               "![KL vs kept fraction](kl-vs-kept.png)", ""]
     if layer_rows(s):
