@@ -479,7 +479,8 @@ def main():
         cfg["fidelity"] = dict(cfg["fidelity"], settings=pick(a.settings))
     # CI runs the quick preset on every `make test`: its output is scratch (build/ is ignored), the
     # committed results/summary-quick.json changes only when someone records it on purpose
-    out_dir = Path(a.out or (ROOT / ("build/eval" if a.preset == "quick" and not a.record else "results")))
+    scratch = a.preset == "quick" and a.flow == "jobs" and not a.record
+    out_dir = Path(a.out or (ROOT / ("build/eval" if scratch else "results")))
     raw_dir = out_dir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     model, tag = model_path(a.model)
