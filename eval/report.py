@@ -273,10 +273,12 @@ def models_md(res):
     if any(chats.values()):
         lines += ["### Chat flow through llama-server (`eval/run.py --flow chat`)", "",
                   "Turn 1: context + a question about one special magic number (fresh prefill, the policy runs at its "
-                  "end); turn 2: turn 1's tokens, its answer and a question about another number, sent with "
+                  "end); turn 2: turn 1's tokens, its answer and a question about the pass key hidden in the same prose, sent with "
                   "`cache_prompt` so the server extends the compressed cache: the second question is answered from a "
                   "context compressed before it existed (and compressed again at turn 2's end). Reference: the full "
-                  "cache on the same turn-2 tokens. *reused*: turn 2's `cache_n` covered turn 1's prompt.", ""]
+                  "cache on the same turn-2 tokens. *kept after turn 2*: cells held after turn 2's answer / turn-2 prompt "
+                  "tokens (above 1 when nothing is evicted: the answer's cells). *reused*: turn 2's `cache_n` covered "
+                  "turn 1's prompt.", ""]
         for name, tag in MODEL_TAGS:
             x = chats[name]
             lines.append(f"- {name}: " + (f"`results/chat{tag}.json`, {x['meta']['model']}, {x['meta']['date']}, "
