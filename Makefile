@@ -10,7 +10,8 @@
 #                   then prefill/decode time per policy vs none -> results/bench-prefill.json,
 #                   capacity (bench-capacity.json) and parallel requests in one -c 8192 cache
 #                   (bench-parallel.json; alone: make bench-parallel)
-#   make eval       fidelity evaluation (full grid, then 8K prompts) -> results/ ; eval-quick: CI's small grid
+#   make eval       fidelity evaluation (full grid on SmolLM2 and gemma3, chat flow, 8K prompts) -> results/ ;
+#                   eval-quick: CI's small grid (writes build/eval, not results/)
 #   make cuda-check compile every CUDA kernel (PyPI nvcc), build and test the `cuda` feature
 #   make llama      fetch, patch and build the pinned llama.cpp (scripts/llama.sh all)
 #   make test-llama the llama.cpp end-to-end tests alone (builds patched + baseline first)
@@ -53,7 +54,7 @@ export KVC_LIB ?= $(abspath $(TARGET_DIR))/release/libkvcompress.so
 all: build header-check
 
 help:
-	@sed -n '3,20p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
 
 build:
 	$(CARGO) build --release
@@ -160,8 +161,10 @@ bench-parallel: llama
 	$(PYTHON) scripts/bench-parallel.py
 
 # the evaluation of issue 4: retrieval (question-aware and -agnostic) and teacher-forced KL
-# against the full cache. eval-quick is CI's small grid with assertions that can fail; eval runs
-# the full grid and regenerates results/ (RESULTS.md, plots).
+# against the full cache. eval-quick is CI's small grid with assertions that can fail (it writes
+# build/eval/, never the committed results/); eval runs the full grid on SmolLM2 and gemma3
+# (summary.json, summary-gemma3.json), the two-turn chat flow through llama-server on both
+# (chat.json, chat-gemma3.json) and regenerates results/ (RESULTS.md side by side, plots).
 eval-quick: llama
 	$(PYTHON) eval/run.py --preset quick
 
@@ -170,6 +173,9 @@ eval-quick: llama
 eval: llama
 	rc=0; \
 	$(PYTHON) eval/run.py --preset full --resume || rc=$$?; \
+	$(PYTHON) eval/run.py --preset full --model gemma3 --resume || rc=$$?; \
+	$(PYTHON) eval/run.py --flow chat || rc=$$?; \
+	$(PYTHON) eval/run.py --flow chat --model gemma3 || rc=$$?; \
 	$(PYTHON) eval/run.py --preset long --resume || rc=$$?; \
 	$(PYTHON) eval/report.py --summary results/summary-long.json; \
 	$(PYTHON) eval/report.py; \

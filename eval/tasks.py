@@ -112,6 +112,21 @@ def vartrack(tokens, depth, seed):
     return dict(task="vartrack", context="".join(parts), question=q, answer=names[0])
 
 
+def chat(tokens, depth, seed):
+    """Two turns over one context (eval/run.py --flow chat): a special magic number (needle-single)
+    and a pass key in the same prose, at `depth` and at 1 - depth; turn 1 asks for the number,
+    turn 2 for the pass key, which nobody had asked about when the context was compressed.
+    (A second magic number among decoys was tried first: SmolLM2's full cache got it wrong after
+    a first turn, so there was nothing to compare against.)"""
+    inst = needle(tokens, depth, seed, "single")
+    key = random.Random(seed + 7919).randint(10000, 99999)
+    context = insert_at_depth(inst["context"], f"The pass key is {key}. Remember it. {key} is the pass key.",
+                              1.0 - depth)
+    return dict(task="chat", context=context, question=inst["question"], answer=inst["answer"],
+                question2="\nWhat is the pass key? The pass key is", answer2=str(key),
+                id=f"chat-{tokens}-{depth:g}-{seed}", depth=depth, target_tokens=tokens, seed=seed)
+
+
 GENERATORS = {
     "passkey": passkey,
     "needle-single": lambda t, d, s: needle(t, d, s, "single"),
