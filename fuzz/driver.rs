@@ -247,6 +247,7 @@ pub const KEYS: &[&str] = &[
     "samples",
     "quorum",
     "seed",
+    "evict",
 ];
 const VALUES: &[&str] = &[
     "0",
@@ -395,6 +396,7 @@ pub const VALID: &[(&str, &[&str])] = &[
     ("samples", &["0", "1", "8", "1024"]),
     ("quorum", &["0", "0.35", "1"]),
     ("seed", &["0", "1", "18446744073709551615"]),
+    ("evict", &["prompt", "pressure"]),
 ];
 
 /// Policy name and overrides, owned, plus the pointer arrays C would pass.

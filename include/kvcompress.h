@@ -36,6 +36,15 @@
 #define KVC_SEQ_FLAG_PROMPT_END 1
 
 /*
+ `kvc_seq_view.flags`: the engine needs room in the cache this sequence lives in (set on every
+ resident sequence, idle ones included, before any is squeezed by `max_cells`). The policy
+ runs if tokens arrived since its last run and gives up what it would anyway: the verdict that
+ `evict=pressure` deferred, or the decoded tokens its budget does not keep. An engine that
+ never sets it gets the behaviour of ABI 1; a library that predates it ignores it.
+ */
+#define KVC_SEQ_FLAG_ROOM 2
+
+/*
  Opaque eviction engine: one model shape, one policy, the state of every sequence.
  */
 typedef struct kvc_evictor kvc_evictor;

@@ -164,6 +164,18 @@ const AT_LEAST_1: Range = num(1.0, false, f32::INFINITY, true);
 /// the gain rests on a small grid; `layer` is the opt-in for memory-bound single-shot use.
 const DEFAULT_GRANULARITY: &str = "token";
 
+/// When a sequence gives up cells (common parameter `evict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evict {
+    /// at each prompt's end and every `interval` decoded tokens, whether or not the cache needs
+    /// the room; also when the engine needs room (over its cap, or `KVC_SEQ_FLAG_ROOM`)
+    Prompt,
+    /// only when the engine needs room: the full cache's answers while memory allows. Under
+    /// pressure the sequence first gives up what its policy would (the verdict its prompt's end
+    /// deferred), then is squeezed by the engine's cap
+    Pressure,
+}
+
 /// Parameters of every policy but `none`, first in every list.
 const COMMON: &[Param] = &[
     p(
@@ -183,6 +195,12 @@ const COMMON: &[Param] = &[
         DEFAULT_GRANULARITY,
         Range::Choice(&["token", "layer", "head"]),
         "token | layer | head: where the keep sets apply (layer/head: per-layer/per-head sets, re-packed)",
+    ),
+    p(
+        "evict",
+        "prompt",
+        Range::Choice(&["prompt", "pressure"]),
+        "prompt | pressure: evict at each prompt's end and every interval, or only when the cache needs room (the full cache's answers while memory allows)",
     ),
 ];
 
@@ -675,6 +693,8 @@ pub struct Policy {
     pub interval: usize,
     /// where the keep sets apply
     pub granularity: Granularity,
+    /// when the sequence gives up cells
+    pub evict: Evict,
     /// every parameter with its resolved value, for logs
     pub resolved: Vec<(String, String)>,
 }
@@ -747,6 +767,7 @@ impl Policy {
                 window: 0,
                 interval: 0,
                 granularity: Granularity::Token,
+                evict: Evict::Prompt,
                 resolved,
             });
         }
@@ -758,6 +779,10 @@ impl Policy {
             "head" => Granularity::Head,
             _ => Granularity::Token,
         };
+        let evict = match v.choice("evict")? {
+            "pressure" => Evict::Pressure,
+            _ => Evict::Prompt,
+        };
         let (scorer, rule, allocator) = (preset.build)(v, window.max(1))?;
         Ok(Policy {
             name,
@@ -768,6 +793,7 @@ impl Policy {
             window,
             interval,
             granularity,
+            evict,
             resolved,
         })
     }
