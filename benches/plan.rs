@@ -207,6 +207,7 @@ fn main() {
             pos: &pos,
             max_cells: 0,
             prompt_end: true,
+            room: false,
         };
         for name in &policies {
             if !filter.is_empty()

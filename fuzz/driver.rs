@@ -248,6 +248,7 @@ pub const KEYS: &[&str] = &[
     "quorum",
     "seed",
     "stride",
+    "evict",
 ];
 const VALUES: &[&str] = &[
     "0",
@@ -397,6 +398,7 @@ pub const VALID: &[(&str, &[&str])] = &[
     ("quorum", &["0", "0.35", "1"]),
     ("seed", &["0", "1", "18446744073709551615"]),
     ("stride", &["1", "16", "4096"]),
+    ("evict", &["prompt", "pressure"]),
 ];
 
 /// Policy name and overrides, owned, plus the pointer arrays C would pass.

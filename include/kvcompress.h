@@ -36,6 +36,15 @@
 #define KVC_SEQ_FLAG_PROMPT_END 1
 
 /*
+ `kvc_seq_view.flags`: the engine needs room in the cache this sequence lives in (set on every
+ resident sequence, idle ones included, before any is squeezed by `max_cells`). The policy
+ runs if tokens arrived since its last run and gives up what it would anyway: the verdict that
+ `evict=pressure` deferred, or the decoded tokens its budget does not keep. An engine that
+ never sets it gets the behaviour of ABI 1; a library that predates it ignores it.
+ */
+#define KVC_SEQ_FLAG_ROOM 2
+
+/*
  Cost units of one GVote ballot, from results/bench-plan.json (SmolLM2-135M shape, 8192
  cells, 2 threads): a plan with the default 9 ballots took 520 ms, a 9-row dbudget plan 137 ms
  and a 32-row snapkv plan 225 ms, so a row is ~3.8 ms, the fixed ranking/selection ~27 rows

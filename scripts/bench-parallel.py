@@ -2,7 +2,10 @@
 """How many parallel passkey requests fit in one `-c 8192` cache with retrieval intact, per policy
 (issue 4 benchmarks), through llama-server on SmolLM2.
 
-What is measured, for each policy and N on a ladder:
+What is measured, for each policy and N on a ladder (since issue 17: a mixed set of passkeys and needles
+in prose at 2K and 4K tokens (MIX), the server's default -b/-ub, every answer compared with a fresh
+full-cache server's on the same prompt, and policies with parameters such as dbudget:evict=pressure;
+the paragraphs below describe the earlier passkey-only setup, MIX="passkey:2048" BATCH=512 UBATCH=512):
 
 - one llama-server with ONE unified KV cache of CTX (8192) cells shared by all slots
   (`-c 8192 -kvu -np N`, `--kv-policy POLICY` at its defaults, `-b 512 -ub 512`, `--cache-ram 0`,
@@ -80,13 +83,21 @@ BIN = os.environ.get("KVC_LLAMA_BIN", os.path.join(ROOT, "build", "llama", "bin"
 # -t 1: on this shared 2-core machine -t 2 stalled (ggml's spinning threadpool against the other jobs:
 # 3.2 s per decode step at N=4 of the concurrent smoke run, which took 50 s against 14 s with -t 1)
 THREADS = os.environ.get("THREADS", "1")
-POLICIES = os.environ.get("POLICIES", "none snapkv" if QUICK else "none dbudget gvote snapkv streaming").split()
+# a policy is NAME or NAME:k=v,k=v (--kv-policy-param), e.g. dbudget:evict=pressure
+POLICIES = os.environ.get("POLICIES", "none snapkv" if QUICK else
+                          "none dbudget dbudget:evict=pressure gvote snapkv streaming").split()
 NS = [int(x) for x in os.environ.get("NS", "2 4 6" if QUICK else "1 2 3 4 6 8 10 12 16").split()]
 CTX = int(os.environ.get("CTX", "2048" if QUICK else "8192"))
 TOKENS = int(os.environ.get("TOKENS", "512" if QUICK else "2048"))
+# the instances, cycled over the seeds: TASK:TOKENS items (eval/tasks.py names). The default mixes passkeys and
+# needles in prose at 2K and 4K; MIX="passkey:2048" is the passkey-only set of the earlier results
+MIX = [(t.split(":")[0], int(t.split(":")[1]) if ":" in t else TOKENS) for t in os.environ.get(
+    "MIX", "passkey:%d needle-single:%d" % (TOKENS, TOKENS) if QUICK else
+    "passkey:2048 needle-single:2048 passkey:4096 needle-single:4096").split()]
 DEPTH = float(os.environ.get("DEPTH", "0.5"))
-BATCH = int(os.environ.get("BATCH", "512"))
-UBATCH = int(os.environ.get("UBATCH", "512"))
+# empty (the default): the server's own -b/-ub (a smaller -b hides how a default batch meets long prompts)
+BATCH = os.environ.get("BATCH", "")
+UBATCH = os.environ.get("UBATCH", "")
 ANSWER_TOKENS = int(os.environ.get("ANSWER_TOKENS", "10"))
 BISECT = os.environ.get("BISECT", "1") not in ("", "0")
 MODE = os.environ.get("MODE", "resident")
@@ -124,18 +135,45 @@ def http(url, body=None, timeout=TIMEOUT):
 def instances(n):
     out = []
     for seed in range(1, n + 1):
-        inst = tasks.make("passkey", TOKENS, DEPTH, seed)
+        task, tokens = MIX[(seed - 1) % len(MIX)]
+        inst = tasks.make(task, tokens, DEPTH, seed)
         prompt = inst["context"] + inst["question"]
         assert prompt.endswith(" is"), "the resident mode splits off the question's last word"
-        out.append({"seed": seed, "prompt": prompt, "head": prompt[:-len(" is")], "answer": inst["answer"]})
+        out.append({"seed": seed, "task": task, "tokens": tokens, "prompt": prompt, "head": prompt[:-len(" is")],
+                    "answer": inst["answer"]})
     return out
 
 
-def start_server(policy, n, log_path):
+def policy_args(policy):
+    name, _, params = policy.partition(":")
+    return ["--kv-policy", name] + (["--kv-policy-param", params] if params else [])
+
+
+def batch_args():
+    return (["-b", BATCH] if BATCH else []) + (["-ub", UBATCH] if UBATCH else [])
+
+
+def reference_answers(insts):
+    """Each instance alone on a fresh full-cache server (no policy, one slot, a cache that holds it): the answer
+    every policy's answer is compared with."""
+    ctx = max(x["tokens"] for x in insts) * 2 + 512
+    log_path = os.path.join(OUT, "parallel-reference.log")
+    srv, log, url, _ = start_server("none", 1, log_path, ctx=ctx, kvu=False)
+    try:
+        for x in insts:
+            st, resp = http(url + "/completion", {"prompt": x["prompt"], "n_predict": ANSWER_TOKENS, "temperature": 0,
+                                                  "cache_prompt": False})
+            x["full_cache_answer"] = resp.get("content") if st == 200 and isinstance(resp, dict) else None
+            print(f"parallel: full cache, seed {x['seed']} ({x['task']} {x['tokens']}): {x['full_cache_answer']!r}", flush=True)
+    finally:
+        stop_server(srv, log)
+
+
+def start_server(policy, n, log_path, ctx=CTX, kvu=True):
     port = k.free_port()
-    cmd = [os.path.join(BIN, "llama-server"), "-m", MODEL, "--host", "127.0.0.1", "--port", str(port),
-           "-c", str(CTX), "-kvu", "-np", str(n), "-t", THREADS, "-b", str(BATCH), "-ub", str(UBATCH),
-           "--cache-ram", "0", "--metrics", "--no-warmup", "--kv-policy", policy]
+    cmd = ([os.path.join(BIN, "llama-server"), "-m", MODEL, "--host", "127.0.0.1", "--port", str(port),
+            "-c", str(ctx)] + (["-kvu"] if kvu else []) + ["-np", str(n), "-t", THREADS] + batch_args()
+           + ["--cache-ram", "0", "--metrics", "--no-warmup"] + policy_args(policy))
     log = open(log_path, "w")
     srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -184,9 +222,10 @@ def error_of(st, resp):
 
 def run_n(policy, n, insts, n_prompt_est):
     """One server, n concurrent requests (MODE); returns the row for this N."""
-    log_path = os.path.join(OUT, f"parallel-{policy}-{n}.log")
+    log_path = os.path.join(OUT, f"parallel-{policy.replace(':', '-').replace(',', '-')}-{n}.log")
     srv, log, url, cmd = start_server(policy, n, log_path)
-    reqs = [{"seed": x["seed"], "key": x["answer"], "slot": i} for i, x in enumerate(insts[:n])]
+    reqs = [{"seed": x["seed"], "task": x["task"], "tokens": x["tokens"], "key": x["answer"],
+             "full_cache_answer": x.get("full_cache_answer"), "slot": i} for i, x in enumerate(insts[:n])]
     t0 = time.time()
     try:
         if MODE == "resident":
@@ -215,12 +254,14 @@ def run_n(policy, n, insts, n_prompt_est):
                          n_prompt_answer=tim.get("prompt_n"), n_predicted=tim.get("predicted_n"),
                          cells_held=kv.get("cells_held"), cells_evicted_in_answer=kv.get("cells_evicted"),
                          kv_policy=kv.get("name"))
-                r["ok"] = tasks.correct(r["answer"], r["key"]) and reused == r["n_prompt"]
+                r["correct"] = tasks.correct(r["answer"], r["key"])
+                r["same_as_full_cache"] = r["answer"] == r["full_cache_answer"]
+                r["ok"] = r["same_as_full_cache"] and reused == r["n_prompt"]
                 if reused != r["n_prompt"]:
                     r["error"] = f"prefix not resident: {reused} of {r['n_prompt']} tokens reused"
         else:
             # concurrent: whole prompts at once, each generating until every prompt is prefilled
-            n_predict = math.ceil(n * n_prompt_est / BATCH) + ANSWER_TOKENS
+            n_predict = math.ceil(n * n_prompt_est / int(BATCH or 2048)) + ANSWER_TOKENS  # 2048: the server's -b
             res = concurrent(url, [{"prompt": x["prompt"], "n_predict": n_predict, "temperature": 0,
                                     "cache_prompt": False, "ignore_eos": True, "return_tokens": True}
                                    for x in insts[:n]])
@@ -236,7 +277,8 @@ def run_n(policy, n, insts, n_prompt_est):
                          wall_s=round(dt, 1), n_prompt=tim.get("prompt_n"), n_predicted=tim.get("predicted_n"),
                          cells_held=kv.get("cells_held"), cells_evicted=kv.get("cells_evicted"),
                          kv_policy=kv.get("name"))
-                r["ok"] = tasks.correct(r["answer"], r["key"])
+                r["correct"] = tasks.correct(r["answer"], r["key"])
+                r["ok"] = r["correct"]
         wall = time.time() - t0
         st, metrics = http(url + "/metrics", timeout=30)
         evicted_total = None
@@ -272,7 +314,7 @@ def describe(row):
 
 def bench_policy(policy, n_prompt_est):
     runs = {}
-    insts = instances(max(NS))
+    insts = INSTANCES
 
     t_start = time.time()
     stopped = []
@@ -319,13 +361,14 @@ if __name__ == "__main__":
     if not os.access(os.path.join(BIN, "llama-server"), os.X_OK):
         sys.exit(f"bench-parallel: {BIN}/llama-server missing: run 'make llama' first (or set KVC_LLAMA_BIN)")
     MODEL = model()
-    n_prompt_est = TOKENS  # n_predict uses the target length (an upper bound: prompts come out ~2 % shorter)
+    n_prompt_est = max(t for _, t in MIX)  # n_predict uses the target length (an upper bound)
     t0 = time.time()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     res = {"model": "SmolLM2-135M-Instruct Q4_1", "llama_cpp": "0c1e57098", "cache_type": "f16",
            "machine": f"{platform.machine()}, {os.cpu_count()} x {cpu}", "threads": int(THREADS),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": QUICK,
-           "setup": {"ctx": CTX, "kv_unified": True, "batch": BATCH, "ubatch": UBATCH, "prompt_tokens_target": TOKENS,
+           "setup": {"ctx": CTX, "kv_unified": True, "batch": BATCH or "server default", "ubatch": UBATCH or "server default",
+                     "mix": [f"{t}:{n}" for t, n in MIX],
                      "depth": DEPTH, "answer_tokens": ANSWER_TOKENS, "ladder": NS, "bisect": BISECT,
                      "policy_budget_s": POLICY_BUDGET_S,
                      "mode": MODE,
@@ -335,16 +378,23 @@ if __name__ == "__main__":
                          "N full prompts at once on the same slots, answer_tokens generated" if MODE == "resident" else
                          "N full prompts at once (threads behind a barrier), one slot each, n_predict = "
                          "ceil(N * prompt_tokens_target / batch) + answer_tokens, ignore_eos"),
-                     "ok": "HTTP 200 and the passkey in the answer for every request"
+                     "ok": ("HTTP 200 and, for every request, the answer of a fresh full-cache server (one slot, "
+                            "no policy) on the same prompt" if MODE == "resident" else
+                            "HTTP 200 and the passkey in the answer for every request")
                            + (" (phase 2 reusing the whole phase-1 prefix)" if MODE == "resident" else
                               " (first answer_tokens generated tokens)")
                            + ", and no context-exceeded, slot purge or kv-policy failure in the server log",
                      "cells_held": "timings.kv_policy.cells_held of each response"
                                    + (" (phase 2: at its answer, all N resident; phase 1: after its own prefill)"
                                       if MODE == "resident" else " (end of its generation)"),
-                     "flags": f"llama-server -c {CTX} -kvu -np N -t {THREADS} -b {BATCH} -ub {UBATCH} "
-                              f"--cache-ram 0 --metrics --no-warmup --kv-policy POLICY"},
+                     "flags": f"llama-server -c {CTX} -kvu -np N -t {THREADS} {' '.join(batch_args())} "
+                              f"--cache-ram 0 --metrics --no-warmup --kv-policy NAME [--kv-policy-param PARAMS]"},
            "policies": {}}
+    INSTANCES = instances(max(NS))
+    if MODE == "resident":
+        reference_answers(INSTANCES)
+    res["full_cache_answers"] = [{"seed": x["seed"], "task": x["task"], "tokens": x["tokens"], "key": x["answer"],
+                                  "answer": x.get("full_cache_answer")} for x in INSTANCES]
     for pol in POLICIES:
         res["policies"][pol] = bench_policy(pol, n_prompt_est)
         r = res["policies"][pol]
@@ -353,6 +403,8 @@ if __name__ == "__main__":
                f", first failure at {r['first_failing_n']}" if r["first_failing_n"] else " (time budget)"), flush=True)
     res["wall_s"] = round(time.time() - t0)
     res["load_avg_end"] = os.getloadavg()
+    res["command"] = " ".join(f"{v}={os.environ[v]}" for v in ("POLICIES", "NS", "MIX", "CTX", "BATCH", "UBATCH", "MODE")
+                              if v in os.environ) + " python3 scripts/bench-parallel.py"
     os.makedirs(os.path.dirname(RESULT), exist_ok=True)
     with open(RESULT, "w") as f:
         json.dump(res, f, indent=1)

@@ -4,7 +4,7 @@
 use crate::backend::{self, Backend, Parallelism, UnitsIn};
 use crate::budget::DecideCtx;
 use crate::error::{shape_err, Error, Result};
-use crate::policy::Policy;
+use crate::policy::{Evict, Policy};
 use crate::score::{QuerySel, ScoreGrid, Scorer};
 use crate::select::{self, SelectIn, Selection};
 use crate::state::{Carry, LastPlan, QueryRow, SeqState};
@@ -25,6 +25,10 @@ pub struct SeqInput<'a> {
     /// the call that just ran produced logits for the sequence (a prompt end when it also added
     /// more than one token)
     pub prompt_end: bool,
+    /// the engine needs room in the cache this sequence lives in (`KVC_SEQ_FLAG_ROOM`): give up
+    /// what the policy would give up anyway (a verdict `evict=pressure` deferred, or the tokens
+    /// decoded since the last run), without being squeezed below it
+    pub room: bool,
 }
 
 impl SeqInput<'_> {
@@ -226,7 +230,8 @@ impl Evictor {
 
     /// Whether the policy wants to run now: at the end of a prompt (logits after more than one
     /// new token), when the sequence holds more than `max_cells`, or every `interval` tokens
-    /// during decode (one token per call).
+    /// during decode (one token per call); with `evict=pressure` only over `max_cells` or when
+    /// the engine needs room (`room`) and tokens arrived since the last run.
     pub fn due(&mut self, s: &SeqInput) -> Result<bool> {
         s.validate()?;
         if self.policy.scorer.is_none() || s.pos.is_empty() {
@@ -253,15 +258,32 @@ impl Evictor {
         };
         st.last_max_pos = max_pos;
         st.interval_run = false;
+        if n_new > 0 {
+            st.mid_prompt = n_new > 1 && !s.prompt_end;
+        }
         if s.max_cells > 0 && s.pos.len() > s.max_cells {
             return Ok(true);
+        }
+        let since = s.n_seen() as i64 - st.seen_at_last_run;
+        // the engine needs room: the tokens that arrived since the last run are what the policy
+        // would give up anyway. Judged like an interval run once the policy has run (an adaptive
+        // rule re-cutting its own compressed cache would compound the loss, plan_target); the
+        // first run of an `evict=pressure` sequence is the verdict its prompt's end deferred.
+        // A prompt still being fed (chunk by chunk, by the server) has no question yet: only the
+        // cap squeezes it
+        if s.room && since > 0 && !st.mid_prompt {
+            st.interval_run = st.last.is_some();
+            return Ok(true);
+        }
+        if self.policy.evict == Evict::Pressure {
+            // nothing is evicted until the engine needs room (the cap above, or `room`)
+            return Ok(false);
         }
         // logits after several new tokens end a prompt (or a prompt chunk the engine wants
         // answered); logits after one token are an ordinary decode step
         if s.prompt_end && n_new > 1 {
             return Ok(true);
         }
-        let since = s.n_seen() as i64 - st.seen_at_last_run;
         st.interval_run = interval > 0 && n_new <= 1 && since >= interval as i64;
         Ok(st.interval_run)
     }
@@ -649,6 +671,7 @@ mod tests {
                 pos: &pos,
                 max_cells,
                 prompt_end: true,
+                room: false,
             };
             ev.plan(&s, None).unwrap().stats
         };

@@ -172,6 +172,18 @@ const DEFAULT_GRANULARITY: &str = "token";
 /// the plan's cost grows with rows x cells.
 const CONTEXT_QUERY_CAP: usize = 1024;
 
+/// When a sequence gives up cells (common parameter `evict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evict {
+    /// at each prompt's end and every `interval` decoded tokens, whether or not the cache needs
+    /// the room; also when the engine needs room (over its cap, or `KVC_SEQ_FLAG_ROOM`)
+    Prompt,
+    /// only when the engine needs room: the full cache's answers while memory allows. Under
+    /// pressure the sequence first gives up what its policy would (the verdict its prompt's end
+    /// deferred), then is squeezed by the engine's cap
+    Pressure,
+}
+
 /// Parameters of every policy but `none`, first in every list.
 const COMMON: &[Param] = &[
     p(
@@ -191,6 +203,12 @@ const COMMON: &[Param] = &[
         DEFAULT_GRANULARITY,
         Range::Choice(&["token", "layer", "head"]),
         "token | layer | head: where the keep sets apply (layer/head: per-layer/per-head sets, re-packed)",
+    ),
+    p(
+        "evict",
+        "prompt",
+        Range::Choice(&["prompt", "pressure"]),
+        "prompt | pressure: evict at each prompt's end and every interval, or only when the cache needs room (the full cache's answers while memory allows)",
     ),
 ];
 
@@ -760,6 +778,8 @@ pub struct Policy {
     pub interval: usize,
     /// where the keep sets apply
     pub granularity: Granularity,
+    /// when the sequence gives up cells
+    pub evict: Evict,
     /// every parameter with its resolved value, for logs
     pub resolved: Vec<(String, String)>,
 }
@@ -832,6 +852,7 @@ impl Policy {
                 window: 0,
                 interval: 0,
                 granularity: Granularity::Token,
+                evict: Evict::Prompt,
                 resolved,
             });
         }
@@ -843,6 +864,10 @@ impl Policy {
             "head" => Granularity::Head,
             _ => Granularity::Token,
         };
+        let evict = match v.choice("evict")? {
+            "pressure" => Evict::Pressure,
+            _ => Evict::Prompt,
+        };
         let (scorer, rule, allocator) = (preset.build)(v, window.max(1))?;
         Ok(Policy {
             name,
@@ -853,6 +878,7 @@ impl Policy {
             window,
             interval,
             granularity,
+            evict,
             resolved,
         })
     }

@@ -86,6 +86,9 @@ pub struct SeqState {
     pub last: Option<LastPlan>,
     /// the last `due` said yes only because the decode interval was reached
     pub interval_run: bool,
+    /// the newest tokens were a prompt chunk without logits: the prompt goes on, its question
+    /// is not known yet, so a request for room (`SeqInput::room`) does not run the verdict on it
+    pub mid_prompt: bool,
 }
 
 impl Default for SeqState {
@@ -99,6 +102,7 @@ impl Default for SeqState {
             last_max_pos: -1,
             last: None,
             interval_run: false,
+            mid_prompt: false,
         }
     }
 }

@@ -495,6 +495,7 @@ fn plans_match_cpu() {
                     pos: &case.pos,
                     max_cells: 0,
                     prompt_end: true,
+                    room: false,
                 };
                 plans.push(ev.plan(&input, Some(&keys)).unwrap());
             }

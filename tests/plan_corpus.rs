@@ -113,6 +113,7 @@ fn run_case(out: &mut String, c: &Case, name: &str, p: &[&str], cap: usize) {
         pos: &c.pos[..m],
         max_cells: cap,
         prompt_end: true,
+        room: false,
     };
     let due = ev.due(&view).unwrap();
     let plan = ev.plan(&view, Some(&keys.view(&c.shape))).unwrap();
@@ -142,6 +143,7 @@ fn run_case(out: &mut String, c: &Case, name: &str, p: &[&str], cap: usize) {
             pos: &pos,
             max_cells: cap,
             prompt_end: false,
+            room: false,
         };
         let due = ev.due(&view).unwrap();
         if !due {

@@ -62,6 +62,7 @@ fn input<'a>(cells: &'a [u32], pos: &'a [i32], max_cells: usize) -> SeqInput<'a>
         pos,
         max_cells,
         prompt_end: true,
+        room: false,
     }
 }
 
@@ -770,6 +771,7 @@ fn due(e: &mut Evictor, pos: &[i32], max_cells: usize, prompt_end: bool) -> bool
         pos,
         max_cells,
         prompt_end,
+        room: false,
     })
     .unwrap()
 }
@@ -1031,4 +1033,172 @@ fn eval_policy_table_is_current() {
         "{} is stale: run `cargo run --release --example gen_policies`",
         path.display()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// evict=pressure and KVC_SEQ_FLAG_ROOM: the engine asks for room across resident sequences
+// ---------------------------------------------------------------------------------------------
+
+fn view<'a>(
+    c: &'a [u32],
+    pos: &'a [i32],
+    max_cells: usize,
+    prompt_end: bool,
+    room: bool,
+) -> SeqInput<'a> {
+    SeqInput {
+        seq_id: SEQ,
+        cells: c,
+        pos,
+        max_cells,
+        prompt_end,
+        room,
+    }
+}
+
+/// A 16-token prompt whose last two queries attend to a few scattered positions.
+fn pressure_toy(s: &Shape) -> (Vec<i32>, OwnedKeys, Vec<i32>, Vec<f32>) {
+    let pos = range(16);
+    let k = keys(s, &pos, |_, p, _| {
+        if p % 3 == 1 {
+            [4.0, 0.0]
+        } else {
+            [0.0, (p % 5) as f32 * 0.3]
+        }
+    });
+    let q_pos = vec![14, 15];
+    let q = queries(s, &q_pos, |_, p, h| {
+        [1.0 + (p + h as i32) as f32 * 0.1, 0.5]
+    });
+    (pos, k, q_pos, q)
+}
+
+#[test]
+fn evict_pressure_defers_the_prompt_verdict_until_room_is_needed() {
+    let s = shape(1, 2, 1);
+    let params = ["ratio=0.5", "sinks=1", "window=2", "pool=1", "interval=4"];
+    let (pos, k, q_pos, q) = pressure_toy(&s);
+    let c = cells(&pos);
+
+    // the default: the verdict at the prompt's end
+    let mut a = ev(s, "snapkv", &params);
+    a.push_queries(SEQ, &q_pos, &q).unwrap();
+    assert!(a.due(&view(&c, &pos, 0, true, false)).unwrap());
+    let verdict = a
+        .plan(&view(&c, &pos, 0, true, false), Some(&k.view(&s)))
+        .unwrap();
+    assert_eq!(
+        verdict.evict.len(),
+        8,
+        "the toy must evict, or this test proves nothing"
+    );
+
+    let mut b = ev(s, "snapkv", &[&params[..], &["evict=pressure"]].concat());
+    b.push_queries(SEQ, &q_pos, &q).unwrap();
+    // not at the prompt's end, not at the interval
+    assert!(!b.due(&view(&c, &pos, 0, true, false)).unwrap());
+    let mut held = pos.clone();
+    for p in 16..24 {
+        held.push(p);
+        let ch = cells(&held);
+        assert!(
+            !b.due(&view(&ch, &held, 0, false, false)).unwrap(),
+            "token {p}"
+        );
+    }
+    // room is needed later, no queries arrived since (an idle sequence): the verdict the prompt's
+    // end deferred, from the queries the library remembered
+    let (c16, p16) = (cells(&pos), pos.clone());
+    let mut b = ev(s, "snapkv", &[&params[..], &["evict=pressure"]].concat());
+    b.push_queries(SEQ, &q_pos, &q).unwrap();
+    assert!(!b.due(&view(&c16, &p16, 0, true, false)).unwrap());
+    assert!(b.due(&view(&c16, &p16, 16, false, true)).unwrap());
+    let later = b
+        .plan(&view(&c16, &p16, 16, false, true), Some(&k.view(&s)))
+        .unwrap();
+    assert_eq!(later.evict, verdict.evict);
+    assert_eq!(
+        later.stats.n_keep, later.stats.budget,
+        "not squeezed: its own verdict"
+    );
+    // given, it is not asked again until tokens arrive
+    let kept: Vec<i32> = p16
+        .iter()
+        .copied()
+        .filter(|p| !later.evict.contains(&(100 + *p as u32)))
+        .collect();
+    let ck = cells(&kept);
+    assert!(!b.due(&view(&ck, &kept, 8, false, true)).unwrap());
+    // over the engine's cap it is squeezed below its budget, and the stats say so
+    assert!(b.due(&view(&ck, &kept, 4, false, false)).unwrap());
+    let kk = keys(&s, &kept, |_, p, _| {
+        if p % 3 == 1 {
+            [4.0, 0.0]
+        } else {
+            [0.0, (p % 5) as f32 * 0.3]
+        }
+    });
+    let sq = b
+        .plan(&view(&ck, &kept, 4, false, false), Some(&kk.view(&s)))
+        .unwrap();
+    assert_eq!(sq.stats.n_keep, 4);
+    assert!(
+        sq.stats.budget > sq.stats.n_keep,
+        "budget {} keep {}",
+        sq.stats.budget,
+        sq.stats.n_keep
+    );
+}
+
+#[test]
+fn room_on_a_prompt_mode_sequence_gives_only_what_arrived_since_its_last_run() {
+    let s = shape(1, 2, 1);
+    let (pos, k, q_pos, q) = pressure_toy(&s);
+    let c = cells(&pos);
+    let mut e = ev(
+        s,
+        "snapkv",
+        &["ratio=0.5", "sinks=1", "window=2", "pool=1", "interval=0"],
+    );
+    e.push_queries(SEQ, &q_pos, &q).unwrap();
+    assert!(e.due(&view(&c, &pos, 0, true, false)).unwrap());
+    let plan = e
+        .plan(&view(&c, &pos, 0, true, false), Some(&k.view(&s)))
+        .unwrap();
+    let mut held: Vec<i32> = pos
+        .iter()
+        .copied()
+        .filter(|p| !plan.evict.contains(&(100 + *p as u32)))
+        .collect();
+    // idle since its verdict: nothing to give
+    let ch = cells(&held);
+    assert!(!e.due(&view(&ch, &held, held.len(), false, true)).unwrap());
+    // decoded tokens since (interval=0: never judged): room asks the policy about them
+    // decode steps, one token with logits each
+    for p in 16..20 {
+        held.push(p);
+        let ch = cells(&held);
+        assert!(
+            !e.due(&view(&ch, &held, 0, true, false)).unwrap(),
+            "token {p}"
+        );
+    }
+    let ch = cells(&held);
+    assert!(e.due(&view(&ch, &held, held.len(), false, true)).unwrap());
+}
+
+#[test]
+fn room_does_not_judge_a_prompt_that_is_still_being_fed() {
+    let s = shape(1, 2, 1);
+    let mut e = ev(s, "snapkv", &["ratio=0.5", "sinks=1", "window=2", "pool=1"]);
+    let (pos, _, _, _) = pressure_toy(&s);
+    let c = cells(&pos);
+    // a chunk without logits: the prompt goes on
+    assert!(!e.due(&view(&c, &pos, 0, false, false)).unwrap());
+    assert!(!e.due(&view(&c, &pos, 16, false, true)).unwrap());
+    // its end: due (prompt mode), and room alone would have been enough
+    let mut more = pos.clone();
+    more.extend(16..20);
+    let cm = cells(&more);
+    assert!(e.due(&view(&cm, &more, 20, true, true)).unwrap());
 }

@@ -745,6 +745,7 @@ proptest! {
                 pos: &pos,
                 max_cells: cap,
                 prompt_end: m > 1,
+                room: false,
             };
             let due = ev.due(&input).unwrap();
             // after a rewind the evictor cannot always tell a re-processed prompt from a decode
@@ -885,7 +886,7 @@ proptest! {
         let cells2: Vec<u32> = pos2.iter().map(|&p| 9000 + p as u32).collect();
         let plan2 = ev
             .plan(
-                &kvcompress::SeqInput { seq_id: 7, cells: &cells2, pos: &pos2, max_cells: 0, prompt_end: false },
+                &kvcompress::SeqInput { seq_id: 7, cells: &cells2, pos: &pos2, max_cells: 0, prompt_end: false, room: false },
                 Some(&keys2.view(&s)),
             )
             .unwrap();

@@ -115,6 +115,13 @@ pub const KVC_BACKEND_CUDA: kvc_backend = 1;
 /// with one new token it is a decode step, where the policy runs every `interval` tokens.
 pub const KVC_SEQ_FLAG_PROMPT_END: u32 = 1;
 
+/// `kvc_seq_view.flags`: the engine needs room in the cache this sequence lives in (set on every
+/// resident sequence, idle ones included, before any is squeezed by `max_cells`). The policy
+/// runs if tokens arrived since its last run and gives up what it would anyway: the verdict that
+/// `evict=pressure` deferred, or the decoded tokens its budget does not keep. An engine that
+/// never sets it gets the behaviour of ABI 1; a library that predates it ignores it.
+pub const KVC_SEQ_FLAG_ROOM: u32 = 2;
+
 /// Construction parameters. Get defaults from `kvc_params_default()`, then set the shape.
 /// Fields are only ever appended.
 #[repr(C)]
@@ -452,6 +459,7 @@ unsafe fn seq_input<'a>(
         pos,
         max_cells: s.max_cells as usize,
         prompt_end: s.flags & KVC_SEQ_FLAG_PROMPT_END != 0,
+        room: s.flags & KVC_SEQ_FLAG_ROOM != 0,
     };
     Ok((input, rows, s.layers))
 }

@@ -90,6 +90,7 @@ impl Case {
             pos: &self.pos,
             max_cells,
             prompt_end: true,
+            room: false,
         }
     }
 

@@ -49,6 +49,9 @@ prompt = k.write_prompt("iswa-prompt.txt", prompt_text)
 PER_LAYER = re.compile(r"kv-policy: seq 0: kept per layer: ([\d ]+)")
 N_GLOBAL = 3
 SMALL_CTX = "896"
+# the cells the global layers' cache has: llama.cpp pads -c to a multiple of 256 (since patch 0011 the prompt's end
+# reserves one cell for the next token instead of a ubatch, so a sequence may grow into the padding)
+CACHE_CELLS = -(-int(SMALL_CTX) // 256) * 256
 
 
 def completion(ctx, n_predict, *extra):
@@ -73,7 +76,7 @@ for policy, params in (("dbudget", []), ("snapkv", ["--kv-policy-param", "ratio=
     r = completion(SMALL_CTX, 8, "--kv-policy", policy, "--kv-policy-stats", *params)
     c.check(r["rc"] == 0 and "input too long" not in r["log"] and "is cut to" not in r["log"],
             "llama-completion -c %s --kv-policy %s %s: rc %d, nothing skipped or cut" % (SMALL_CTX, policy, " ".join(params[1:]), r["rc"]))
-    c.check(r["n_prompt"] > 1.9 * int(SMALL_CTX) and r["evicted"] > 0 and r["held"] <= int(SMALL_CTX) and
+    c.check(r["n_prompt"] > 1.9 * int(SMALL_CTX) and r["evicted"] > 0 and r["held"] <= CACHE_CELLS and
             r["held"] + r["evicted"] == r["decoded"],
             "  every token went through the global layers' cache: held %d + evicted %d == decoded %d (prompt %d), runs %d"
             % (r["held"], r["evicted"], r["decoded"], r["n_prompt"], r["runs"]))
