@@ -464,6 +464,7 @@ fn params(b: &mut Bytes) -> kvc_params {
     p.backend = match b.u8() % 16 {
         0 => KVC_BACKEND_CUDA,
         1 => b.u32(),
+        2..=8 => KVC_BACKEND_AUTO,
         _ => KVC_BACKEND_CPU,
     };
     p.n_threads = match b.u8() % 16 {
@@ -489,7 +490,7 @@ fn shape_ok(p: &kvc_params) -> bool {
         && p.kq_scale.is_finite()
         && p.kq_scale >= 0.0
         && p.abi_version == KVC_ABI_VERSION
-        && p.backend == KVC_BACKEND_CPU
+        && (p.backend == KVC_BACKEND_CPU || p.backend == KVC_BACKEND_AUTO)
 }
 
 /// One cell the engine holds for a sequence.
@@ -835,10 +836,24 @@ impl Driver<'_> {
                 } else {
                     buf[off..].as_ptr() as *const std::ffi::c_void
                 };
+                // now and then K "in device memory": an address the host must never read (the
+                // fuzz build has no CUDA: refused with CUDA_UNAVAILABLE or INVALID_SHAPE), or a
+                // memory code that does not exist
+                let (k, k_memory, k_device) = match self.b.u8() % 64 {
+                    0 => (
+                        16usize as *const std::ffi::c_void,
+                        KVC_MEMORY_CUDA,
+                        self.b.u32() % 3,
+                    ),
+                    1 => (k, self.b.u32(), 0),
+                    _ => (k, KVC_MEMORY_HOST, 0),
+                };
                 layers.push(kvc_layer_view {
                     k,
                     k_row_stride: stride as u64,
                     k_dtype: dtype,
+                    k_memory,
+                    k_device,
                 });
                 bufs.push(buf);
             }
