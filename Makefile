@@ -195,7 +195,7 @@ llama-cuda: build
 
 gpu-kit: llama
 	bash scripts/gpu-check.sh prepare
-	GPU_CHECK_BUILD=configure bash scripts/gpu-check.sh
+	bash scripts/gpu-check.sh
 
 demo:
 	@if [ -f scripts/demo.sh ]; then bash scripts/demo.sh; \

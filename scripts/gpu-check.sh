@@ -28,8 +28,10 @@
 # on the prompt for dbudget and gvote with backend=cuda and backend=cpu, and none; the run fails if cuda and
 # cpu disagree on the answer or on the cells evicted, or if a policy evicted nothing.
 #
-# Environment: GPU_CHECK_BUILD=0 skips the llama.cpp build (and the end-to-end step), =configure stops after
-# cmake's configure (the rehearsal here: proves the source subset configures); GPU_CHECK_JOBS (default nproc).
+# Without a GPU (the rehearsal on the build machine) the llama.cpp subset is only configured with CUDA, then
+# the script stops with "SKIPPED: no GPU" (exit 0); GPU_CHECK_BUILD=full builds it there too (about an hour
+# on 2 cores). GPU_CHECK_BUILD=0 skips the llama.cpp build and the end-to-end step; GPU_CHECK_JOBS (default
+# nproc) sets the build's parallelism.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -130,12 +132,18 @@ done
 (cd "$KIT" && grep -v '^kvcompress \|^llama.cpp \|^nvcc ' MANIFEST | sha256sum -c --quiet) || die "build/gpu-kit does not match its MANIFEST"
 head -3 "$KIT/MANIFEST"
 
+have_gpu=0
+command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU && have_gpu=1
+
 # the llama.cpp CUDA build, in the background while the Rust binaries run
 LBUILD=/tmp/gpu-kit-llama
 BUILD_MODE=${GPU_CHECK_BUILD:-1}
 build_pid=""
 NVCC=$(command -v nvcc || true)
 [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc
+# the rehearsal here: the toolkit scripts/llama.sh assembles from PyPI wheels for KVC_CUDA=1
+PYPI_ROOT=${KVC_CACHE:-$HOME/.cache/kvcompress}/cuda-root-13.0
+[ -z "$NVCC" ] && [ -x "$PYPI_ROOT/bin/nvcc" ] && NVCC=$PYPI_ROOT/bin/nvcc
 if [ "$BUILD_MODE" != 0 ]; then
     [ -n "$NVCC" ] || die "no nvcc (PATH, /usr/local/cuda) to build llama.cpp with CUDA; GPU_CHECK_BUILD=0 skips it"
     step "llama.cpp CUDA build ($NVCC: $("$NVCC" --version | tail -1)) in $LBUILD"
@@ -144,24 +152,42 @@ if [ "$BUILD_MODE" != 0 ]; then
     tar -xJf "$KIT/llama-src.tar.xz" -C "$LBUILD/src"
     cflags=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90
             -DGGML_CUDA_FA=OFF -DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF "-DCMAKE_CUDA_COMPILER=$NVCC"
+            "-DCUDAToolkit_ROOT=$(dirname "$NVCC")/.."
             -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
             -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_KVCOMPRESS=ON
             "-DKVCOMPRESS_INCLUDE_DIR=$ROOT/include" "-DKVCOMPRESS_LIBRARY=$KIT/lib/libkvcompress.so"
             -DKVC_RUN_PATCHED=ON "-DCMAKE_PROJECT_llama.cpp_INCLUDE=$ROOT/tests/llama/kvc-run.cmake")
+    # a toolkit without cuBLAS (the GPU image may have it only as PyTorch's pip wheel): use the wheel's
+    tk=$(cd "$(dirname "$(readlink -f "$NVCC")")/.." && pwd)
+    if ! compgen -G "$tk/lib*/libcublas.so*" >/dev/null && ! compgen -G "$tk/targets/*/lib/libcublas.so*" >/dev/null; then
+        whl=$(python3 -c 'import nvidia, os; print(next(os.path.join(p, "cu13") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13"))))' 2>/dev/null || true)
+        if [ -n "$whl" ] && compgen -G "$whl/lib/libcublas.so*" >/dev/null; then
+            echo "cuBLAS not in $tk: using $whl"
+            mkdir -p "$LBUILD/cublas"
+            for l in cublas cublasLt; do ln -sf "$(ls "$whl"/lib/lib$l.so.* | head -1)" "$LBUILD/cublas/lib$l.so"; done
+            cflags+=("-DCUDA_cublas_LIBRARY=$LBUILD/cublas/libcublas.so" "-DCUDA_cublasLt_LIBRARY=$LBUILD/cublas/libcublasLt.so"
+                     "-DCMAKE_CUDA_FLAGS=-I$whl/include" "-DCMAKE_CXX_FLAGS=-I$whl/include"
+                     "-DCMAKE_BUILD_RPATH=$whl/lib")
+        fi
+    fi
     cmake -S "$LBUILD/src" -B "$LBUILD/build" "${cflags[@]}" >"$OUTD/llama-configure.log" 2>&1 ||
         { tail -30 "$OUTD/llama-configure.log"; die "cmake configure of the llama.cpp subset failed"; }
     grep -q "CUDA Toolkit found" "$OUTD/llama-configure.log" || die "configure did not find the CUDA toolkit"
     echo "configured ($(grep -m1 'CMAKE_CUDA_ARCHITECTURES=' "$OUTD/llama-configure.log" | sed 's/^-- //'))"
-    if [ "$BUILD_MODE" != configure ]; then
-        (cmake --build "$LBUILD/build" -j "${GPU_CHECK_JOBS:-$(nproc)}" --target kvc-run >"$OUTD/llama-build.log" 2>&1) &
+    jobs_n=${GPU_CHECK_JOBS:-$(nproc)}
+    if [ "$have_gpu" = 1 ]; then
+        (cmake --build "$LBUILD/build" -j "$jobs_n" --target kvc-run >"$OUTD/llama-build.log" 2>&1) &
         build_pid=$!
+    elif [ "$BUILD_MODE" = full ]; then
+        nice -n 19 cmake --build "$LBUILD/build" -j "$jobs_n" --target kvc-run >"$OUTD/llama-build.log" 2>&1 ||
+            { tail -30 "$OUTD/llama-build.log"; die "the llama.cpp CUDA build failed (log: llama-build.log)"; }
+        echo "llama.cpp CUDA build of the subset: kvc-run built"
     fi
 fi
 
 step "GPU"
-if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
-    [ -n "$build_pid" ] && kill "$build_pid" 2>/dev/null
-    echo "gpu-check: SKIPPED: no GPU on this machine (nvidia-smi lists none). The kit is complete$([ "$BUILD_MODE" = configure ] && echo ' and the llama.cpp subset configures with CUDA'); run it on a GPU machine:"
+if [ "$have_gpu" = 0 ]; then
+    echo "gpu-check: SKIPPED: no GPU on this machine (nvidia-smi lists none). The kit is complete$([ "$BUILD_MODE" != 0 ] && echo ' and the llama.cpp subset configures with CUDA'); run it on a GPU machine:"
     echo "  run(command=\"bash scripts/gpu-check.sh\", carry=[\"build/gpu-kit\"], timeout_s=540)"
     exit 0
 fi
