@@ -24,7 +24,7 @@
 #   MANIFEST                  what was built from which commit
 #
 # Steps on the GPU machine (results in $OUT when set, else build/gpu-check): the llama.cpp CUDA build (sm_90,
-# -j16) runs in the background while the Rust binaries run; then the end-to-end step: kvc-run -ngl 99 -c 4096
+# -j16) runs in the background while the Rust binaries run; then the end-to-end step: kvc-run -ngl 99 -c 8192
 # on the prompt for dbudget and gvote with backend=cuda and backend=cpu, and none; the run fails if cuda and
 # cpu disagree on the answer or on the cells evicted, or if a policy evicted nothing.
 #
@@ -89,7 +89,7 @@ EOF
                 ggml-virtgpu ggml-zdnn ggml-cann ggml-musa ggml-zendnn ggml-hip)
     local excl=()
     for b in "${skip[@]}"; do excl+=(":(exclude)ggml/src/$b"); done
-    git -C build/llama-src archive --format=tar HEAD CMakeLists.txt cmake ggml src include common tools vendor \
+    git -C build/llama-src archive --format=tar HEAD CMakeLists.txt cmake ggml src include common tools vendor app \
         licenses "${excl[@]}" | xz -T2 -6 >"$KIT/llama-src.tar.xz"
 
     step "model and prompt"
@@ -214,7 +214,7 @@ if [ -n "$build_pid" ]; then
 import json, subprocess, sys
 exe, model, prompt, out = sys.argv[1:]
 def run(policy, *params):
-    args = [exe, "-m", model, "-f", prompt, "-c", "4096", "-n", "12", "-ngl", "99", "--no-warmup", "--kv-policy", policy]
+    args = [exe, "-m", model, "-f", prompt, "-c", "8192", "-n", "12", "-ngl", "99", "--no-warmup", "--kv-policy", policy]
     for p in params:
         args += ["--kv-policy-param", p]
     p = subprocess.run(args, capture_output=True, text=True, timeout=120)
