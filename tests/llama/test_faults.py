@@ -20,6 +20,7 @@
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -83,7 +84,10 @@ c.check(p.returncode == 0, "library missing: llama-completion (default policy no
 stub_dir = os.path.join(k.TMP, "stub")
 os.makedirs(stub_dir, exist_ok=True)
 stubs = {}
-for name, abi in (("abi999", 999), ("abi1-empty", 1)):
+# the stub "with the right ABI" takes the header's version, so an ABI bump does not turn it into a wrong-ABI stub
+with open(os.path.join(k.ROOT, "include", "kvcompress.h")) as f:
+    ABI = int(re.search(r"#define KVC_ABI_VERSION (\d+)", f.read()).group(1))
+for name, abi in (("abi999", 999), ("abi-empty", ABI)):
     src = os.path.join(stub_dir, name + ".c")
     with open(src, "w") as f:
         f.write("#include <stdint.h>\nuint32_t kvc_abi_version(void) { return %d; }\n" % abi)
@@ -97,7 +101,7 @@ c.check(clean_exit(rc) and "ABI version 999" in err and "this build expects" in 
         "wrong ABI: refused at startup (rc %d): %s" % (rc, last_error_line(err)))
 rc, out, err = kvc_run("-n", "4", "--kv-policy", "none", env={"LLAMA_KVCOMPRESS_LIB": stubs["abi999"]})
 c.check(rc == 0 and out is not None, "wrong ABI: --kv-policy none still runs (rc %d)" % rc)
-rc, out, err = kvc_run("-n", "4", "--kv-policy", "snapkv", env={"LLAMA_KVCOMPRESS_LIB": stubs["abi1-empty"]})
+rc, out, err = kvc_run("-n", "4", "--kv-policy", "snapkv", env={"LLAMA_KVCOMPRESS_LIB": stubs["abi-empty"]})
 c.check(clean_exit(rc) and "has no symbol kvc_" in err,
         "right ABI, missing symbols: refused at startup (rc %d): %s" % (rc, last_error_line(err)))
 
