@@ -13,6 +13,10 @@
 #   make eval       fidelity evaluation (full grid on SmolLM2 and gemma3, chat flow, 8K prompts) -> results/ ;
 #                   eval-quick: CI's small grid (writes build/eval, not results/)
 #   make cuda-check compile every CUDA kernel (PyPI nvcc), build and test the `cuda` feature
+#   make gpu-kit    artefacts for scripts/gpu-check.sh on a GPU machine (build/gpu-kit, <= 64 MiB with
+#                   the tree): the `cuda` test and bench binaries, libkvcompress, the patched llama.cpp
+#                   sources, a 4-layer SmolLM2; then the kit's rehearsal here (stops at "no GPU")
+#   make llama-cuda the patched llama.cpp with CUDA (sm_90 + PTX) in build/llama-cuda (long on 2 cores)
 #   make llama      fetch, patch and build the pinned llama.cpp (scripts/llama.sh all)
 #   make test-llama the llama.cpp end-to-end tests alone (builds patched + baseline first)
 #   make deps       install what a fresh Debian machine needs (idempotent)
@@ -48,7 +52,8 @@ VERSION    := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n
 export KVC_LIB ?= $(abspath $(TARGET_DIR))/release/libkvcompress.so
 
 .PHONY: all build header header-check test fmt-check clippy cargo-test valgrind test-llama \
-        fuzz fuzz-quick bench bench-prefill bench-parallel eval eval-quick cuda-check llama demo deps clean help \
+        fuzz fuzz-quick bench bench-prefill bench-parallel eval eval-quick cuda-check gpu-kit llama-cuda llama demo \
+        deps clean help \
         install install-check
 
 all: build header-check
@@ -189,6 +194,14 @@ cuda-check:
 
 llama: build
 	bash scripts/llama.sh all
+
+# KVC_CUDA=1 make llama works too; this target names it
+llama-cuda: build
+	KVC_CUDA=1 bash scripts/llama.sh all
+
+gpu-kit: llama
+	bash scripts/gpu-check.sh prepare
+	bash scripts/gpu-check.sh
 
 demo:
 	@if [ -f scripts/demo.sh ]; then bash scripts/demo.sh; \

@@ -5,16 +5,27 @@
 //! cargo bench --bench plan                 # full: SmolLM2-135M at 8K, an 8B shape at 32K
 //! BENCH_QUICK=1 cargo bench --bench plan   # smoke run: 1/4 of the tokens (at most 4096), one run
 //! BENCH_RUNS=3 BENCH_SHAPES=smollm2 BENCH_POLICIES=snapkv,dbudget cargo bench --bench plan
+//! BENCH_BACKEND=cuda cargo bench --features cuda --bench plan   # K in device memory (below)
 //! ```
+//!
+//! `BENCH_BACKEND=cuda` (feature `cuda`): K is uploaded to the device once per shape and handed
+//! over as device memory to a `Backend::Auto` evictor, as llama.cpp with `-ngl 99` does, so the
+//! plan reads it in place. Each row then also reports `k_gb_per_s`: K's bytes over the median
+//! plan time. For `knorm` (one pass over K, the key-norm kernel) this is the scoring kernels'
+//! read bandwidth, launch and result copies included; the window-attention policies read K three
+//! times (norm pass, softmax statistics, probabilities). `BENCH_OUT` overrides the JSON path
+//! (default `results/bench-plan.json`, with cuda `results/bench-plan-cuda.json`).
 //!
 //! Each run builds a fresh evictor and pushes the W newest query rows (not timed), then times
 //! `plan` alone. Reports median/min/max over the runs as JSON, printed and written to
 //! `results/bench-plan.json`. Thread count: `KVC_THREADS` (default: all cores).
 
 use kvcompress::backend::{Backend, Parallelism};
-use kvcompress::view::{Dtype, KeyLayer, Keys};
+use kvcompress::view::{Dtype, KeyLayer, Keys, Memory};
 use kvcompress::{Evictor, Policy, SeqInput, Shape};
 use std::fmt::Write as _;
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
 use std::time::Instant;
 
 struct Case {
@@ -117,6 +128,36 @@ struct Row {
     min_ms: f64,
     max_ms: f64,
     n_keep: usize,
+    k_bytes: usize,
+}
+
+/// K of one shape in device memory: the buffers (kept alive) and the device's ordinal.
+#[cfg(feature = "cuda")]
+struct DeviceK {
+    _bufs: Vec<cudarc::driver::CudaSlice<u16>>,
+    ptrs: Vec<u64>,
+    ordinal: u32,
+    _gpu: Arc<kvcompress::backend::cuda::Gpu>,
+}
+
+#[cfg(feature = "cuda")]
+fn upload(k: &[Vec<u16>]) -> DeviceK {
+    use cudarc::driver::DevicePtr;
+    let gpu = kvcompress::backend::cuda::gpu().expect("BENCH_BACKEND=cuda: no CUDA device");
+    let st = gpu.stream().clone();
+    let bufs: Vec<_> = k
+        .iter()
+        .map(|l| st.clone_htod(l).expect("upload K"))
+        .collect();
+    st.synchronize().expect("synchronize");
+    let ptrs = bufs.iter().map(|b| b.device_ptr(&st).0).collect();
+    let ordinal = gpu.context().ordinal() as u32;
+    DeviceK {
+        _bufs: bufs,
+        ptrs,
+        ordinal,
+        _gpu: gpu,
+    }
 }
 
 fn main() {
@@ -140,6 +181,14 @@ fn main() {
         Parallelism::Pool(p) => p.current_num_threads(),
     };
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let on_cuda = match std::env::var("BENCH_BACKEND").as_deref() {
+        Ok("cuda") => true,
+        Ok("cpu") | Err(_) => false,
+        Ok(other) => panic!("BENCH_BACKEND={other}: expected cpu or cuda"),
+    };
+    if on_cuda && cfg!(not(feature = "cuda")) {
+        panic!("BENCH_BACKEND=cuda needs the `cuda` feature (cargo bench --features cuda)");
+    }
 
     let load_before = loadavg();
     let mut rows = Vec::new();
@@ -190,15 +239,28 @@ fn main() {
         let cells: Vec<u32> = (0..n as u32).collect();
         let pos: Vec<i32> = (0..n as i32).collect();
         let q_pos: Vec<i32> = ((n - case.window) as i32..n as i32).collect();
+        #[allow(unused_mut)]
+        let mut layers: Vec<KeyLayer> = k
+            .iter()
+            .map(|l| KeyLayer {
+                memory: Memory::Host,
+                base: l.as_ptr() as *const u8,
+                row_stride: row_elems * 2,
+                dtype: Dtype::F16,
+            })
+            .collect();
+        #[cfg(feature = "cuda")]
+        let _dev = on_cuda.then(|| {
+            let d = upload(&k);
+            for (l, &p) in layers.iter_mut().zip(&d.ptrs) {
+                l.base = p as usize as *const u8;
+                l.memory = Memory::Cuda(d.ordinal);
+            }
+            d
+        });
+        let k_bytes = case.n_layer * n * row_elems * 2;
         let keys = Keys {
-            layers: k
-                .iter()
-                .map(|l| KeyLayer {
-                    base: l.as_ptr() as *const u8,
-                    row_stride: row_elems * 2,
-                    dtype: Dtype::F16,
-                })
-                .collect(),
+            layers,
             rows: &cells,
         };
         let input = SeqInput {
@@ -221,8 +283,8 @@ fn main() {
             let mut n_keep = 0;
             for _ in 0..runs {
                 let policy = Policy::parse(name, &[]).expect("policy");
-                let mut ev =
-                    Evictor::new(shape, policy, par.clone(), Backend::Cpu).expect("evictor");
+                let backend = if on_cuda { Backend::Auto } else { Backend::Cpu };
+                let mut ev = Evictor::new(shape, policy, par.clone(), backend).expect("evictor");
                 ev.push_queries(0, &q_pos, &q).expect("push_queries");
                 let t = Instant::now();
                 let plan = ev.plan(&input, Some(&keys)).expect("plan");
@@ -237,9 +299,10 @@ fn main() {
                 (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
             };
             eprintln!(
-                "  {name:<10} median {median:9.1} ms  min {:9.1}  max {:9.1}  keep {n_keep}/{n}",
+                "  {name:<10} median {median:9.2} ms  min {:9.2}  max {:9.2}  keep {n_keep}/{n}  K {:.1} GB/s",
                 times[0],
-                times[times.len() - 1]
+                times[times.len() - 1],
+                k_bytes as f64 / (median * 1e-3) / 1e9
             );
             rows.push(Row {
                 shape: case.name.to_string(),
@@ -250,6 +313,7 @@ fn main() {
                 min_ms: times[0],
                 max_ms: times[times.len() - 1],
                 n_keep,
+                k_bytes,
             });
         }
         // drop this shape's buffers before the next one
@@ -271,6 +335,11 @@ fn main() {
         json_str(&loadavg())
     );
     let _ = writeln!(j, "  \"threads\": {threads},");
+    let _ = writeln!(
+        j,
+        "  \"backend\": \"{}\",",
+        if on_cuda { "cuda" } else { "cpu" }
+    );
     let _ = writeln!(j, "  \"dtype\": \"f16\",");
     j.push_str("  \"results\": [\n");
     for (i, r) in rows.iter().enumerate() {
@@ -280,7 +349,7 @@ fn main() {
             "    {{\"shape\": {{\"name\": {}, \"n_layer\": {}, \"n_head\": {}, \"n_head_kv\": {}, \
              \"head_dim\": {}, \"n_tokens\": {}, \"window\": {}}}, \"policy\": {}, \"runs\": {}, \
              \"median_ms\": {:.3}, \"min_ms\": {:.3}, \"max_ms\": {:.3}, \"n_keep\": {}, \
-             \"threads\": {threads}}}",
+             \"threads\": {threads}, \"k_bytes\": {}, \"k_gb_per_s\": {:.1}}}",
             json_str(&r.shape),
             c.n_layer,
             c.n_head,
@@ -293,15 +362,28 @@ fn main() {
             r.median_ms,
             r.min_ms,
             r.max_ms,
-            r.n_keep
+            r.n_keep,
+            r.k_bytes,
+            r.k_bytes as f64 / (r.median_ms * 1e-3) / 1e9
         );
         j.push_str(if i + 1 < rows.len() { ",\n" } else { "\n" });
     }
     j.push_str("  ]\n}\n");
     print!("{j}");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-    let path = dir.join("bench-plan.json");
-    match std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &j)) {
+    let path = std::env::var("BENCH_OUT").map_or_else(
+        |_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("results")
+                .join(if on_cuda {
+                    "bench-plan-cuda.json"
+                } else {
+                    "bench-plan.json"
+                })
+        },
+        std::path::PathBuf::from,
+    );
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    match std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, &j)) {
         Ok(()) => eprintln!("wrote {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
     }

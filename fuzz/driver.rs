@@ -468,6 +468,7 @@ fn params(b: &mut Bytes) -> kvc_params {
     p.backend = match b.u8() % 16 {
         0 => KVC_BACKEND_CUDA,
         1 => b.u32(),
+        2..=8 => KVC_BACKEND_AUTO,
         _ => KVC_BACKEND_CPU,
     };
     p.n_threads = match b.u8() % 16 {
@@ -501,7 +502,7 @@ fn shape_ok(p: &kvc_params) -> bool {
         && p.kq_scale.is_finite()
         && p.kq_scale >= 0.0
         && p.abi_version == KVC_ABI_VERSION
-        && p.backend == KVC_BACKEND_CPU
+        && (p.backend == KVC_BACKEND_CPU || p.backend == KVC_BACKEND_AUTO)
 }
 
 /// One cell the engine holds for a sequence.
@@ -777,7 +778,10 @@ impl Driver<'_> {
         let mut data = Data::new(&mut self.b);
         if !large && layers_mode != 31 {
             for _ in 0..nl {
-                let dtype = match self.b.u8() % 32 {
+                // 30: F32 "in CUDA memory" (below); carved out of the F32 values so that the byte
+                // mapping of the committed regressions stays as it was
+                let dtype_byte = self.b.u8() % 32;
+                let dtype = match dtype_byte {
                     31 => self.b.u32(),
                     1..=9 => KVC_DTYPE_F16,
                     10..=15 => KVC_DTYPE_BF16,
@@ -847,10 +851,20 @@ impl Driver<'_> {
                 } else {
                     buf[off..].as_ptr() as *const std::ffi::c_void
                 };
+                // now and then K "in device memory": an address the host must never read (the
+                // fuzz build has no CUDA: refused with CUDA_UNAVAILABLE or INVALID_SHAPE); with a
+                // stride that is a multiple of 7, a memory code that does not exist instead
+                let (k, k_memory, k_device) = match (dtype_byte, stride % 7) {
+                    (30, 0) => (k, stride as u32, 0),
+                    (30, _) => (16usize as *const std::ffi::c_void, KVC_MEMORY_CUDA, 0),
+                    _ => (k, KVC_MEMORY_HOST, 0),
+                };
                 layers.push(kvc_layer_view {
                     k,
                     k_row_stride: stride as u64,
                     k_dtype: dtype,
+                    k_memory,
+                    k_device,
                 });
                 bufs.push(buf);
             }

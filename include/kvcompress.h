@@ -58,7 +58,9 @@
 typedef struct kvc_evictor kvc_evictor;
 
 /*
- Where K lives: `KVC_BACKEND_CPU` (host memory) or `KVC_BACKEND_CUDA` (device memory).
+ Which processor scores K: `KVC_BACKEND_AUTO` (the default: where each call's K is),
+ `KVC_BACKEND_CPU` (host K only) or `KVC_BACKEND_CUDA` (device K only; the device must open
+ when the evictor is made).
  */
 typedef uint32_t kvc_backend;
 
@@ -92,7 +94,7 @@ typedef struct kvc_params {
    */
   float kq_scale;
   /*
-   `KVC_BACKEND_*`
+   `KVC_BACKEND_*` (default `KVC_BACKEND_AUTO`)
    */
   kvc_backend backend;
   /*
@@ -123,12 +125,18 @@ typedef uint32_t kvc_status;
 typedef uint32_t kvc_dtype;
 
 /*
+ `kvc_layer_view.k_memory`: where `k` points.
+ */
+typedef uint32_t kvc_memory;
+
+/*
  K of one cache layer. Row `r` starts at `(const char *)k + r * k_row_stride`; within a row,
  KV head `h` starts at element `h * head_dim`. Quantized caches: the engine dequantizes to F32.
+ Every layer of one call is in the same memory.
  */
 typedef struct kvc_layer_view {
   /*
-   host pointer (or device pointer with `KVC_BACKEND_CUDA`)
+   host pointer, or device pointer with `k_memory = KVC_MEMORY_CUDA`
    */
   const void *k;
   /*
@@ -139,6 +147,14 @@ typedef struct kvc_layer_view {
    `KVC_DTYPE_*`
    */
   kvc_dtype k_dtype;
+  /*
+   `KVC_MEMORY_*`: where `k` points
+   */
+  kvc_memory k_memory;
+  /*
+   CUDA device ordinal of `k` with `KVC_MEMORY_CUDA` (ignored for host memory)
+   */
+  uint32_t k_device;
 } kvc_layer_view;
 
 /*
@@ -245,14 +261,31 @@ typedef struct kvc_cost {
 #define KVC_DTYPE_BF16 2
 
 /*
- host memory, scored on the CPU
+ K in host memory, scored on the CPU
  */
 #define KVC_BACKEND_CPU 0
 
 /*
- CUDA device memory, scored on the GPU
+ K in CUDA device memory, scored on that device
  */
 #define KVC_BACKEND_CUDA 1
+
+/*
+ per call: host K on the CPU, CUDA K in place on its device (a library built without the
+ `cuda` feature answers `KVC_STATUS_CUDA_UNAVAILABLE` for device K)
+ */
+#define KVC_BACKEND_AUTO 2
+
+/*
+ host memory (the zero value)
+ */
+#define KVC_MEMORY_HOST 0
+
+/*
+ memory of CUDA device `k_device` (a device address of the runtime's primary context, e.g.
+ a ggml-cuda buffer's `tensor->data`); never dereferenced on the host
+ */
+#define KVC_MEMORY_CUDA 1
 
 /*
  success
@@ -329,7 +362,7 @@ extern "C" {
 #endif // __cplusplus
 
 /*
- Defaults: the caller's ABI version, CPU backend, all cores, shape zeroed (must be set).
+ Defaults: the caller's ABI version, `KVC_BACKEND_AUTO`, all cores, shape zeroed (must be set).
  */
 struct kvc_params kvc_params_default(void);
 

@@ -14,7 +14,13 @@
 #
 # Environment:
 #   LLAMA_CPP_DIR=<git checkout>  use this checkout instead of the sdist (HEAD must be the pin)
-#   KVC_CUDA=1                    add -DGGML_CUDA=ON (needs nvcc)
+#   KVC_CUDA=1                    build with CUDA into build/llama-cuda (sm_90 + PTX): the system
+#                                 toolkit (nvcc in PATH or /usr/local/cuda), else nvcc, the runtime
+#                                 and cuBLAS from pinned PyPI wheels (scripts/cuda-check.sh's venv)
+#                                 with a link-time stub libcuda.so (the driver is needed only to run)
+#   KVC_CUDA_FA=1                 with KVC_CUDA=1: also compile ggml's CUDA FlashAttention kernels
+#                                 (off by default: they are most of the compile time; -fa auto then
+#                                 runs without FlashAttention on the GPU)
 #   KVC_JOBS=N                    parallel build jobs (default 2)
 #   KVC_FORCE=1                   let `apply` discard uncommitted edits in build/llama-src
 #   KVC_LIB=<path>                libkvcompress.so to link (default target/release/libkvcompress.so)
@@ -52,6 +58,7 @@ PRISTINE="$CACHE/src/llama.cpp-$PIN_SHORT"
 BUILD="$ROOT/build"
 SRC="$BUILD/llama-src"          # patched tree
 BIN_DIR="$BUILD/llama"          # patched build
+[[ "${KVC_CUDA:-0}" == "1" ]] && BIN_DIR="$BUILD/llama-cuda"
 BASE_SRC="$BUILD/base/llama-src"
 BASE_DIR="$BUILD/base/llama"
 JOBS="${KVC_JOBS:-2}"
@@ -286,9 +293,72 @@ common_flags() {
         echo -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
     fi
     if [[ "${KVC_CUDA:-0}" == "1" ]]; then
-        command -v nvcc >/dev/null || die "KVC_CUDA=1 but nvcc is not in PATH"
-        echo -DGGML_CUDA=ON
+        local root
+        root="$(cuda_root)"
+        # 90 = sm_90 SASS + compute_90 PTX (the H100/H200 machines; the PTX JITs on newer GPUs);
+        # NCCL off: one GPU, and the wheel set has none
+        echo -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA_ALL_QUANTS=OFF \
+            "-DGGML_CUDA_FA=$([[ "${KVC_CUDA_FA:-0}" == "1" ]] && echo ON || echo OFF)" \
+            -DGGML_CUDA_NCCL=OFF "-DCUDAToolkit_ROOT=$root" "-DCMAKE_CUDA_COMPILER=$root/bin/nvcc"
+        if command -v ccache >/dev/null; then
+            echo -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache
+        fi
     fi
+}
+
+# The CUDA toolkit root for KVC_CUDA=1: nvcc in PATH or /usr/local/cuda when there is one with
+# cuBLAS; else one assembled under $CACHE from pinned PyPI wheels (nvcc, runtime, cuBLAS) with a
+# stub libcuda.so generated from cuda.h, so that ggml-cuda links without a driver (as the
+# toolkit's own lib64/stubs/libcuda.so does). Prints the root.
+CUDA_PINS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
+           nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14)
+cuda_root() {
+    local nvcc sys
+    nvcc="$(command -v nvcc || true)"
+    [[ -z "$nvcc" && -x /usr/local/cuda/bin/nvcc ]] && nvcc=/usr/local/cuda/bin/nvcc
+    if [[ -n "$nvcc" ]]; then
+        sys="$(cd "$(dirname "$(readlink -f "$nvcc")")/.." && pwd)"
+        if compgen -G "$sys/lib*/libcublas.so*" >/dev/null || compgen -G "$sys/targets/*/lib/libcublas.so*" >/dev/null; then
+            echo "$sys"
+            return
+        fi
+        info "$nvcc has no cuBLAS next to it; using the PyPI toolkit"
+    fi
+    local venv="$CACHE/cuda-venv" root="$CACHE/cuda-root-13.0" nv p
+    if [[ -f "$root/.kvc-ok" ]]; then
+        echo "$root"
+        return
+    fi
+    [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+    PIP_CACHE_DIR="$CACHE/pip" "$venv/bin/python" -m pip install -q --disable-pip-version-check "${CUDA_PINS[@]}" >&2
+    nv="$(echo "$venv"/lib/python3*/site-packages/nvidia/cu13)"
+    [[ -x "$nv/bin/nvcc" ]] || die "no nvcc in $nv after installing ${CUDA_PINS[*]}"
+    rm -rf "$root"
+    # bin/ is a real folder: nvcc.profile's TOP is bin/.. , where lib64/ must be found
+    mkdir -p "$root/lib64/stubs" "$root/bin"
+    for p in "$nv"/bin/*; do ln -s "$p" "$root/bin/"; done
+    ln -s "$nv/nvvm" "$root/nvvm"
+    ln -s "$nv/include" "$root/include"
+    for p in "$nv"/lib/*; do ln -s "$p" "$root/lib64/"; done
+    # the unversioned names the linker and FindCUDAToolkit look for
+    for p in "$nv"/lib/lib*.so.*; do
+        ln -sf "$(basename "$p")" "$root/lib64/$(basename "$p" | sed 's/\.so\..*/.so/')"
+    done
+    # stub driver: every cu* entry point of cuda.h under the name the header maps it to
+    # (cuMemAlloc -> cuMemAlloc_v2, ...) and under its plain name
+    {
+        echo '#include <cuda.h>'
+        grep -o 'CUresult CUDAAPI cu[A-Za-z0-9_]*' "$nv/include/cuda.h" | awk '{print "KVCSYM " $3}' | sort -u
+    } > "$root/lib64/stubs/names.h"
+    {
+        gcc -E -P -I "$nv/include" "$root/lib64/stubs/names.h" | awk '$1 == "KVCSYM" {print $2}'
+        grep -o 'CUresult CUDAAPI cu[A-Za-z0-9_]*' "$nv/include/cuda.h" | awk '{print $3}'
+    } | sort -u | awk '{print "int " $1 "(void) { return 34; /* CUDA_ERROR_STUB_LIBRARY */ }"}' > "$root/lib64/stubs/libcuda.c"
+    gcc -shared -fPIC -O0 -Wl,-soname,libcuda.so.1 -o "$root/lib64/stubs/libcuda.so" "$root/lib64/stubs/libcuda.c" \
+        || die "building the stub libcuda.so failed"
+    touch "$root/.kvc-ok"
+    info "CUDA toolkit assembled from PyPI wheels in $root"
+    echo "$root"
 }
 
 # configure DIR SRCDIR [extra flags...]: only when the flags changed

@@ -104,6 +104,17 @@ impl Shape {
     }
 }
 
+/// Where the engine keeps a layer's K. The CPU path dereferences only `Host` memory; a device
+/// address is handed to the backend of that device, never read on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Memory {
+    /// host memory
+    #[default]
+    Host,
+    /// memory of CUDA device `ordinal` (the runtime's device number)
+    Cuda(u32),
+}
+
 /// K of one layer: row `r` starts at `base + r * row_stride`; KV head `g` of a row starts at
 /// element `g * head_dim`.
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +125,8 @@ pub struct KeyLayer {
     pub row_stride: usize,
     /// element type
     pub dtype: Dtype,
+    /// host or device memory
+    pub memory: Memory,
 }
 
 // SAFETY: a KeyLayer is a read-only view; the caller guarantees the memory stays valid and
@@ -131,6 +144,16 @@ pub struct Keys<'a> {
 }
 
 impl Keys<'_> {
+    /// Where every layer's K lives: `Some(memory)` when all layers agree, `None` when they do
+    /// not (a partly offloaded cache), or `Some(Host)` for no layers.
+    pub fn memory(&self) -> Option<Memory> {
+        let first = self.layers.first().map_or(Memory::Host, |l| l.memory);
+        self.layers
+            .iter()
+            .all(|l| l.memory == first)
+            .then_some(first)
+    }
+
     /// Check strides against the shape. Row indices are the caller's promise: they are not
     /// bounds-checked here because the buffer length is not known.
     pub fn validate(&self, shape: &Shape) -> Result<()> {
@@ -158,7 +181,8 @@ impl Keys<'_> {
     }
 
     /// Copy KV head `g` of layer `il` for every cell into `out` as f32, transposed
-    /// `[head_dim][n_cells]` (the layout the CPU kernels stream over). Fails on NaN/Inf.
+    /// `[head_dim][n_cells]` (the layout the CPU kernels stream over). Fails on NaN/Inf, and on
+    /// K that is not in host memory (a device address is never dereferenced here).
     pub fn gather_head_t(
         &self,
         shape: &Shape,
@@ -169,6 +193,12 @@ impl Keys<'_> {
         let d = shape.head_dim;
         let n = self.rows.len();
         let layer = self.layers[il];
+        if layer.memory != Memory::Host {
+            return Err(shape_err(format!(
+                "layer {il}: K is in {:?} memory, the CPU path reads host memory only",
+                layer.memory
+            )));
+        }
         out.clear();
         out.resize(n * d, 0.0);
         let esz = layer.dtype.size();
@@ -264,6 +294,7 @@ impl OwnedKeys {
                 base: self.data[il * self.n_cells * row..].as_ptr() as *const u8,
                 row_stride: row * 4,
                 dtype: Dtype::F32,
+                memory: Memory::Host,
             })
             .collect();
         Keys {

@@ -22,7 +22,7 @@ use kvcompress::backend::cuda::{self, Gpu, UnitsIn};
 use kvcompress::backend::{Backend, Parallelism};
 use kvcompress::score::UnitCtx;
 use kvcompress::state::QueryRow;
-use kvcompress::view::{Dtype, KeyLayer, Keys};
+use kvcompress::view::{Dtype, KeyLayer, Keys, Memory};
 use kvcompress::{select, Error, Evictor, Policy, SeqInput, Shape};
 use std::sync::Arc;
 
@@ -36,6 +36,11 @@ fn device(test: &str) -> Option<Arc<Gpu>> {
             None
         }
     }
+}
+
+/// The ordinal of the opened device (what an engine puts in `kvc_layer_view.k_device`).
+fn dev_ordinal(gpu: &Gpu) -> u32 {
+    gpu.context().ordinal() as u32
 }
 
 /// Record a test skipped for want of a device: a failure under `KVC_REQUIRE_GPU=1`, else a
@@ -140,6 +145,7 @@ impl Cache {
                     base: b.as_ptr(),
                     row_stride: self.row_stride,
                     dtype: self.dtype,
+                    memory: Memory::Host,
                 })
                 .collect(),
             rows: &self.rows,
@@ -157,6 +163,7 @@ impl Cache {
                         base: ptr as usize as *const u8,
                         row_stride: self.row_stride,
                         dtype: self.dtype,
+                        memory: Memory::Cuda(gpu.context().ordinal() as u32),
                     }
                 })
                 .collect(),
@@ -232,17 +239,20 @@ fn both(
         cpu.push((scorer.score_unit(&ctx), policy.rule.unit_evidence(&ctx)));
     }
     let dk = cache.device_keys(gpu);
-    let dev = cuda::score_units(&UnitsIn {
-        scorer,
-        rule: policy.rule.as_ref(),
-        shape: &shape,
-        keys: Some(&dk),
-        pos: &case.pos,
-        queries: &queries,
-        carry,
-        protected: &prot,
-        par: &Parallelism::Serial,
-    })
+    let dev = cuda::score_units(
+        &UnitsIn {
+            scorer,
+            rule: policy.rule.as_ref(),
+            shape: &shape,
+            keys: Some(&dk),
+            pos: &case.pos,
+            queries: &queries,
+            carry,
+            protected: &prot,
+            par: &Parallelism::Serial,
+        },
+        dev_ordinal(gpu),
+    )
     .unwrap_or_else(|e| panic!("{name} {params:?}: {e}"));
     (cpu, dev)
 }
@@ -413,17 +423,20 @@ fn non_finite_keys_are_refused() {
     let queries: Vec<&QueryRow> = rows.iter().collect();
     let prot = vec![false; n];
     let dk = cache.device_keys(&gpu);
-    let err = cuda::score_units(&UnitsIn {
-        scorer: policy.scorer.as_deref().unwrap(),
-        rule: policy.rule.as_ref(),
-        shape: &shape,
-        keys: Some(&dk),
-        pos: &case.pos,
-        queries: &queries,
-        carry: None,
-        protected: &prot,
-        par: &Parallelism::Serial,
-    })
+    let err = cuda::score_units(
+        &UnitsIn {
+            scorer: policy.scorer.as_deref().unwrap(),
+            rule: policy.rule.as_ref(),
+            shape: &shape,
+            keys: Some(&dk),
+            pos: &case.pos,
+            queries: &queries,
+            carry: None,
+            protected: &prot,
+            par: &Parallelism::Serial,
+        },
+        dev_ordinal(&gpu),
+    )
     .unwrap_err();
     assert_eq!(
         err,
@@ -447,17 +460,20 @@ fn host_keys_are_refused() {
     let policy = Policy::parse("snapkv", &[]).unwrap();
     let hk = cache.host_keys();
     let prot = vec![false; n];
-    let err = cuda::score_units(&UnitsIn {
-        scorer: policy.scorer.as_deref().unwrap(),
-        rule: policy.rule.as_ref(),
-        shape: &shape,
-        keys: Some(&hk),
-        pos: &case.pos,
-        queries: &[],
-        carry: None,
-        protected: &prot,
-        par: &Parallelism::Serial,
-    })
+    let err = cuda::score_units(
+        &UnitsIn {
+            scorer: policy.scorer.as_deref().unwrap(),
+            rule: policy.rule.as_ref(),
+            shape: &shape,
+            keys: Some(&hk),
+            pos: &case.pos,
+            queries: &[],
+            carry: None,
+            protected: &prot,
+            par: &Parallelism::Serial,
+        },
+        dev_ordinal(&gpu),
+    )
     .unwrap_err();
     assert!(matches!(err, Error::InvalidShape(_)), "{err}");
 }
@@ -487,7 +503,7 @@ fn plans_match_cpu() {
                 ev.push_queries(7, &case.q_pos, &case.q).unwrap();
                 let keys = match backend {
                     Backend::Cpu => cache.host_keys(),
-                    Backend::Cuda => cache.device_keys(&gpu),
+                    _ => cache.device_keys(&gpu),
                 };
                 let input = SeqInput {
                     seq_id: 7,
@@ -522,6 +538,58 @@ fn plans_match_cpu() {
                 common as f64 / most as f64 >= 0.95,
                 "{what}: {common} of {most} evictions shared"
             );
+        }
+    }
+}
+
+/// `Backend::Auto` (the C default): K in device memory is scored in place on its device, exactly
+/// as `Backend::Cuda` does, and host K exactly as `Backend::Cpu` does; `Backend::Cpu` refuses
+/// device K and `Backend::Cuda` host K, with a message and without reading them.
+#[test]
+fn auto_backend_follows_the_memory() {
+    let Some(gpu) = device("auto_backend_follows_the_memory") else {
+        return;
+    };
+    let shape = Shape::new(2, 8, 2, 64, 0.0).unwrap();
+    let case = gen_case(shape, 300, 16, Pattern::Peaked, 800);
+    let input = SeqInput {
+        seq_id: 7,
+        cells: &case.cells,
+        pos: &case.pos,
+        max_cells: 0,
+        prompt_end: true,
+    };
+    for dt in DTYPES {
+        let cache = Cache::new(&gpu, &case, dt, 31);
+        for (name, params) in [("snapkv", &["ratio=0.5"][..]), ("dbudget", &[][..])] {
+            let plan = |backend: Backend, device: bool| {
+                let policy = Policy::parse(name, params).unwrap();
+                let mut ev = Evictor::new(shape, policy, Parallelism::Serial, backend).unwrap();
+                ev.push_queries(7, &case.q_pos, &case.q).unwrap();
+                let keys = if device {
+                    cache.device_keys(&gpu)
+                } else {
+                    cache.host_keys()
+                };
+                ev.plan(&input, Some(&keys))
+            };
+            let what = format!("{name} {dt:?}");
+            let auto_dev = plan(Backend::Auto, true).unwrap();
+            assert!(auto_dev.stats.n_evict > 0, "{what}: nothing evicted");
+            assert_eq!(
+                auto_dev.evict,
+                plan(Backend::Cuda, true).unwrap().evict,
+                "{what}"
+            );
+            assert_eq!(
+                plan(Backend::Auto, false).unwrap().evict,
+                plan(Backend::Cpu, false).unwrap().evict,
+                "{what}"
+            );
+            let e = plan(Backend::Cpu, true).unwrap_err();
+            assert!(e.to_string().contains("backend=cpu"), "{what}: {e}");
+            let e = plan(Backend::Cuda, false).unwrap_err();
+            assert!(e.to_string().contains("backend=cuda"), "{what}: {e}");
         }
     }
 }

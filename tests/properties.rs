@@ -618,7 +618,7 @@ proptest! {
     fn gather_reads_every_dtype_stride_and_row_map(
         c in case(), dtype in 0u32..3, pad in 0usize..=3, seed in any::<u64>(),
     ) {
-        use kvcompress::view::{Dtype, KeyLayer, Keys};
+        use kvcompress::view::{Dtype, KeyLayer, Keys, Memory};
         let s = c.shape;
         let n = c.pos.len();
         let row = s.n_head_kv * s.head_dim;
@@ -656,7 +656,7 @@ proptest! {
         let keys = Keys {
             layers: bufs
                 .iter()
-                .map(|b| KeyLayer { base: b.as_ptr(), row_stride: stride, dtype: dt })
+                .map(|b| KeyLayer { base: b.as_ptr(), row_stride: stride, dtype: dt, memory: Memory::Host })
                 .collect(),
             rows: &rows_of,
         };

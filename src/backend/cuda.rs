@@ -91,7 +91,7 @@ fn driver_present() -> bool {
     !h.is_null()
 }
 
-/// The device ordinal: `KVC_CUDA_DEVICE`, else 0.
+/// The device `probe` and `gpu` open: `KVC_CUDA_DEVICE`, else 0. Device K names its own device.
 fn ordinal() -> usize {
     std::env::var("KVC_CUDA_DEVICE")
         .ok()
@@ -100,7 +100,7 @@ fn ordinal() -> usize {
 }
 
 impl Gpu {
-    fn open() -> Result<Gpu> {
+    fn open(ordinal: usize) -> Result<Gpu> {
         if kernels::MODULES.is_empty() {
             return Err(unavailable(format!(
                 "this library was built without CUDA kernels ({})",
@@ -112,7 +112,9 @@ impl Gpu {
                 "libcuda.so.1 cannot be opened (no NVIDIA driver on this machine)",
             ));
         }
-        let ctx = CudaContext::new(ordinal()).map_err(drv("opening the device"))?;
+        // the device's primary context (cudarc retains it), the one ggml-cuda and the CUDA runtime
+        // use: the engine's device addresses are valid in it
+        let ctx = CudaContext::new(ordinal).map_err(drv("opening the device"))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(drv("reading the compute capability"))?;
@@ -215,15 +217,21 @@ fn suffix(d: Dtype) -> &'static str {
     }
 }
 
-static GPU: Mutex<Option<Arc<Gpu>>> = Mutex::new(None);
+/// Opened devices by ordinal.
+static GPU: Mutex<Vec<(usize, Arc<Gpu>)>> = Mutex::new(Vec::new());
 
-/// The opened device, opening it on first use. A failure is not cached (a later call retries).
+/// The default device (`KVC_CUDA_DEVICE`, else 0), opening it on first use.
 pub fn gpu() -> Result<Arc<Gpu>> {
+    gpu_on(ordinal())
+}
+
+/// Device `ordinal`, opening it on first use. A failure is not cached (a later call retries).
+pub fn gpu_on(ordinal: usize) -> Result<Arc<Gpu>> {
     let mut g = GPU.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(gpu) = g.as_ref() {
+    if let Some((_, gpu)) = g.iter().find(|(o, _)| *o == ordinal) {
         return Ok(gpu.clone());
     }
-    let opened = catch_unwind(Gpu::open).unwrap_or_else(|p| {
+    let opened = catch_unwind(|| Gpu::open(ordinal)).unwrap_or_else(|p| {
         let msg = p
             .downcast_ref::<String>()
             .cloned()
@@ -234,7 +242,7 @@ pub fn gpu() -> Result<Arc<Gpu>> {
     match opened {
         Ok(gpu) => {
             let gpu = Arc::new(gpu);
-            *g = Some(gpu.clone());
+            g.push((ordinal, gpu.clone()));
             Ok(gpu)
         }
         Err(e) => Err(e),
@@ -281,8 +289,7 @@ fn check_device_pointer(gpu: &Gpu, layer: usize, ptr: u64) -> Result<()> {
     }
     if ordinal as usize != gpu.ctx.ordinal() {
         return Err(Error::InvalidShape(format!(
-            "layer {layer}: K lives on device {ordinal}, the library uses device {} \
-             (set KVC_CUDA_DEVICE)",
+            "layer {layer}: K lives on device {ordinal}, the view says device {}",
             gpu.ctx.ordinal()
         )));
     }
@@ -290,9 +297,10 @@ fn check_device_pointer(gpu: &Gpu, layer: usize, ptr: u64) -> Result<()> {
 }
 
 /// Scores (and evidence) of every unit `(layer, kv_head)`, in unit order, computed from K in
-/// device memory. The stream is synchronized before returning.
-pub fn score_units(inp: &UnitsIn) -> Result<Vec<UnitOut>> {
-    let gpu = gpu()?;
+/// the memory of CUDA device `device`, read in place. The stream is synchronized before
+/// returning.
+pub fn score_units(inp: &UnitsIn, device: u32) -> Result<Vec<UnitOut>> {
+    let gpu = gpu_on(device as usize)?;
     let _serial = gpu.lock.lock().unwrap_or_else(|p| p.into_inner());
     let res = catch_unwind(AssertUnwindSafe(|| run(&gpu, inp)));
     // whatever happened, leave nothing in flight

@@ -13,7 +13,10 @@ pub fn probe() -> Result<()> {
     Err(off())
 }
 
-/// Always unavailable.
-pub fn score_units(_inp: &UnitsIn) -> Result<Vec<UnitOut>> {
-    Err(off())
+/// Always unavailable: K in device memory is never read on the host.
+pub fn score_units(_inp: &UnitsIn, device: u32) -> Result<Vec<UnitOut>> {
+    Err(Error::CudaUnavailable(format!(
+        "K is in the memory of CUDA device {device}, but libkvcompress was built without the \
+         `cuda` feature (build it with --features cuda, or hand K over in host memory)"
+    )))
 }

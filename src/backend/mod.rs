@@ -15,18 +15,21 @@ use crate::budget::BudgetRule;
 use crate::error::Result;
 use crate::score::Scorer;
 use crate::state::QueryRow;
-use crate::view::{Keys, Shape};
+use crate::view::{Keys, Memory, Shape};
 
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Which processor owns K.
+/// Which processor scores K.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// host memory, scored with rayon
+    /// K in host memory, scored with rayon
     Cpu,
-    /// CUDA device memory
+    /// K in CUDA device memory, scored there (the device must open when the evictor is made)
     Cuda,
+    /// per call, where K is: host memory on the CPU, CUDA device memory on that device (the
+    /// device is opened at the first call that hands device K)
+    Auto,
 }
 
 impl Backend {
@@ -35,9 +38,19 @@ impl Backend {
         match code {
             0 => Ok(Backend::Cpu),
             1 => Ok(Backend::Cuda),
+            2 => Ok(Backend::Auto),
             other => Err(crate::Error::InvalidShape(format!(
-                "backend code {other} (expected CPU=0 or CUDA=1)"
+                "backend code {other} (expected CPU=0, CUDA=1 or AUTO=2)"
             ))),
+        }
+    }
+
+    /// The name used in messages (`backend=cpu`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Auto => "auto",
         }
     }
 }
@@ -67,20 +80,42 @@ pub struct UnitsIn<'a> {
     pub par: &'a Parallelism,
 }
 
-/// Fail unless `backend` can run here (CUDA: the feature is compiled in and a device opens).
+/// Fail unless `backend` can run here (CUDA: the feature is compiled in and a device opens;
+/// `Auto` always can: it opens a device only when K is handed over in device memory).
 pub fn probe(backend: Backend) -> Result<()> {
     match backend {
-        Backend::Cpu => Ok(()),
+        Backend::Cpu | Backend::Auto => Ok(()),
         Backend::Cuda => cuda::probe(),
     }
 }
 
-/// Scores (and evidence) of every unit `(layer, kv_head)`, in unit order. K in device memory is
-/// scored by the CUDA backend; a scorer that reads no K runs on the CPU whatever the backend.
+/// Scores (and evidence) of every unit `(layer, kv_head)`, in unit order. Where K lives picks
+/// the processor: host K on the CPU, CUDA K in place on its device (no host copy). A backend
+/// that does not match where K is fails with a message instead of reading the wrong memory; a
+/// scorer that reads no K runs on the CPU whatever the backend.
 pub fn score_units(backend: Backend, inp: &UnitsIn) -> Result<Vec<UnitOut>> {
-    match (backend, inp.keys) {
-        (Backend::Cuda, Some(_)) => cuda::score_units(inp),
-        _ => cpu::score_units(inp),
+    let Some(keys) = inp.keys else {
+        return cpu::score_units(inp);
+    };
+    let memory = keys.memory().ok_or_else(|| {
+        crate::Error::InvalidShape(
+            "K of one call lives in different memories (host and device, or two devices); \
+             hand every layer in one memory"
+                .into(),
+        )
+    })?;
+    match (backend, memory) {
+        (Backend::Cpu | Backend::Auto, Memory::Host) => cpu::score_units(inp),
+        (Backend::Cuda | Backend::Auto, Memory::Cuda(device)) => cuda::score_units(inp, device),
+        (Backend::Cpu, Memory::Cuda(device)) => Err(crate::Error::InvalidShape(format!(
+            "K is in the memory of CUDA device {device} but backend=cpu (the CPU reads host \
+             memory only; use backend=auto or cuda)"
+        ))),
+        (Backend::Cuda, Memory::Host) => Err(crate::Error::InvalidShape(
+            "K is in host memory but backend=cuda (the CUDA backend reads K in device memory; \
+             use backend=auto or cpu)"
+                .into(),
+        )),
     }
 }
 

@@ -18,7 +18,7 @@ use crate::backend::{Backend, Parallelism};
 use crate::error::{Error, Result};
 use crate::evictor::{Evictor, SeqInput};
 use crate::policy::{CostLimit, Policy, POLICY_NAMES};
-use crate::view::{Dtype, KeyLayer, Keys, Shape};
+use crate::view::{Dtype, KeyLayer, Keys, Memory, Shape};
 use boundary::{c_str, c_str_array, guard, guard_value, slice, write_msg};
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
@@ -103,12 +103,25 @@ pub const KVC_DTYPE_F16: kvc_dtype = 1;
 /// bfloat16
 pub const KVC_DTYPE_BF16: kvc_dtype = 2;
 
-/// Where K lives: `KVC_BACKEND_CPU` (host memory) or `KVC_BACKEND_CUDA` (device memory).
+/// Which processor scores K: `KVC_BACKEND_AUTO` (the default: where each call's K is),
+/// `KVC_BACKEND_CPU` (host K only) or `KVC_BACKEND_CUDA` (device K only; the device must open
+/// when the evictor is made).
 pub type kvc_backend = u32;
-/// host memory, scored on the CPU
+/// K in host memory, scored on the CPU
 pub const KVC_BACKEND_CPU: kvc_backend = 0;
-/// CUDA device memory, scored on the GPU
+/// K in CUDA device memory, scored on that device
 pub const KVC_BACKEND_CUDA: kvc_backend = 1;
+/// per call: host K on the CPU, CUDA K in place on its device (a library built without the
+/// `cuda` feature answers `KVC_STATUS_CUDA_UNAVAILABLE` for device K)
+pub const KVC_BACKEND_AUTO: kvc_backend = 2;
+
+/// `kvc_layer_view.k_memory`: where `k` points.
+pub type kvc_memory = u32;
+/// host memory (the zero value)
+pub const KVC_MEMORY_HOST: kvc_memory = 0;
+/// memory of CUDA device `k_device` (a device address of the runtime's primary context, e.g.
+/// a ggml-cuda buffer's `tensor->data`); never dereferenced on the host
+pub const KVC_MEMORY_CUDA: kvc_memory = 1;
 
 /// `kvc_seq_view.flags`: the decode call that just ran produced logits for the sequence. With
 /// more than one new token in the call this marks the end of a prompt, where the policy runs;
@@ -139,7 +152,7 @@ pub struct kvc_params {
     pub head_dim: u32,
     /// attention scale; 0 = 1/sqrt(head_dim)
     pub kq_scale: f32,
-    /// `KVC_BACKEND_*`
+    /// `KVC_BACKEND_*` (default `KVC_BACKEND_AUTO`)
     pub backend: kvc_backend,
     /// 0 = all cores, 1 = serial, N = N threads, at most the number of cores (at least 2); env
     /// `KVC_THREADS` overrides
@@ -166,15 +179,20 @@ pub struct kvc_cost {
 
 /// K of one cache layer. Row `r` starts at `(const char *)k + r * k_row_stride`; within a row,
 /// KV head `h` starts at element `h * head_dim`. Quantized caches: the engine dequantizes to F32.
+/// Every layer of one call is in the same memory.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvc_layer_view {
-    /// host pointer (or device pointer with `KVC_BACKEND_CUDA`)
+    /// host pointer, or device pointer with `k_memory = KVC_MEMORY_CUDA`
     pub k: *const std::ffi::c_void,
     /// bytes between consecutive rows
     pub k_row_stride: u64,
     /// `KVC_DTYPE_*`
     pub k_dtype: kvc_dtype,
+    /// `KVC_MEMORY_*`: where `k` points
+    pub k_memory: kvc_memory,
+    /// CUDA device ordinal of `k` with `KVC_MEMORY_CUDA` (ignored for host memory)
+    pub k_device: u32,
 }
 
 /// The cells one sequence holds right now.
@@ -252,7 +270,7 @@ fn with_evictor(
     status
 }
 
-/// Defaults: the caller's ABI version, CPU backend, all cores, shape zeroed (must be set).
+/// Defaults: the caller's ABI version, `KVC_BACKEND_AUTO`, all cores, shape zeroed (must be set).
 #[no_mangle]
 pub extern "C" fn kvc_params_default() -> kvc_params {
     kvc_params {
@@ -262,7 +280,7 @@ pub extern "C" fn kvc_params_default() -> kvc_params {
         n_head_kv: 0,
         head_dim: 0,
         kq_scale: 0.0,
-        backend: KVC_BACKEND_CPU,
+        backend: KVC_BACKEND_AUTO,
         n_threads: 0,
         max_plan_cost: CostLimit::default().per_plan,
         max_token_cost: CostLimit::default().per_token,
@@ -513,6 +531,16 @@ pub unsafe extern "C" fn kvc_evictor_plan(
             let mut out = Vec::with_capacity(views.len());
             for v in views {
                 let dtype = Dtype::from_code(v.k_dtype)?;
+                let memory = match v.k_memory {
+                    KVC_MEMORY_HOST => Memory::Host,
+                    KVC_MEMORY_CUDA => Memory::Cuda(v.k_device),
+                    other => {
+                        return Err(Error::InvalidShape(format!(
+                            "seq.layers[].k_memory={other} (expected KVC_MEMORY_HOST=0 or \
+                             KVC_MEMORY_CUDA=1)"
+                        )))
+                    }
+                };
                 if v.k.is_null() && input.cells.is_empty() {
                     // nothing will be read
                 } else if v.k.is_null() {
@@ -522,6 +550,7 @@ pub unsafe extern "C" fn kvc_evictor_plan(
                     base: v.k as *const u8,
                     row_stride: v.k_row_stride as usize,
                     dtype,
+                    memory,
                 });
             }
             Some(Keys { layers: out, rows })

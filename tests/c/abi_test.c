@@ -201,7 +201,7 @@ static void test_version(void) {
     CHECK(kvc_abi_version() == KVC_ABI_VERSION, "abi %u vs %u", kvc_abi_version(),
           (unsigned)KVC_ABI_VERSION);
     CHECK(kvc_params_default().abi_version == KVC_ABI_VERSION, "params_default abi");
-    CHECK(kvc_params_default().backend == KVC_BACKEND_CPU, "params_default backend");
+    CHECK(kvc_params_default().backend == KVC_BACKEND_AUTO, "params_default backend");
     CHECK(kvc_params_default().n_layer == 0, "params_default shape zeroed");
 }
 
@@ -755,6 +755,51 @@ static void test_plan_errors(void) {
         k_bf16[0][cells[5]][0] = 0x7F80u; /* +Inf */
         FAIL_PLAN(&h, KVC_STATUS_NON_FINITE_INPUT, "keys");
         k_bf16[0][cells[5]][0] = saved;
+    }
+    /* K in CUDA device memory is never read on the host (address 16 would crash): without the
+       cuda feature or a device CUDA_UNAVAILABLE, with one the driver refuses the address */
+    memcpy(lv, layers_for(KVC_DTYPE_F32), sizeof lv);
+    for (i = 0; i < N_LAYER; i++) {
+        lv[i].k = (const void *)16;
+        lv[i].k_memory = KVC_MEMORY_CUDA;
+        lv[i].k_device = 0;
+    }
+    s = good;
+    s.layers = lv;
+    {
+        kvc_status dev_st = kvc_evictor_plan(ev, &s, evict, N_CELLS, &n_ev, NULL);
+        CHECK(dev_st == KVC_STATUS_CUDA_UNAVAILABLE || dev_st == KVC_STATUS_INVALID_SHAPE,
+              "device K: %s", kvc_status_str(dev_st));
+        FAIL_PLAN(&s, dev_st, "CUDA");
+    }
+    /* one layer on the host, the other on a device: refused, nothing read */
+    memcpy(lv, layers_for(KVC_DTYPE_F32), sizeof lv);
+    lv[1].k = (const void *)16;
+    lv[1].k_memory = KVC_MEMORY_CUDA;
+    FAIL_PLAN(&s, KVC_STATUS_INVALID_SHAPE, "different memories");
+    /* a memory code that does not exist */
+    memcpy(lv, layers_for(KVC_DTYPE_F32), sizeof lv);
+    lv[0].k_memory = 5;
+    FAIL_PLAN(&s, KVC_STATUS_INVALID_SHAPE, "k_memory");
+    /* backend=cpu is never handed device K */
+    {
+        kvc_params cp = toy_params();
+        kvc_evictor *cpu_ev = NULL;
+        kvc_evictor *saved_ev = ev;
+        cp.backend = KVC_BACKEND_CPU;
+        CHECK_ST(kvc_evictor_init(&cp, "snapkv", NULL, 0, &cpu_ev, NULL, 0), KVC_STATUS_OK);
+        CHECK_ST(kvc_evictor_push_queries(cpu_ev, 3, N_Q, q_pos, q_buf), KVC_STATUS_OK);
+        ev = cpu_ev;
+        memcpy(lv, layers_for(KVC_DTYPE_F32), sizeof lv);
+        for (i = 0; i < N_LAYER; i++) {
+            lv[i].k = (const void *)16;
+            lv[i].k_memory = KVC_MEMORY_CUDA;
+        }
+        FAIL_PLAN(&s, KVC_STATUS_INVALID_SHAPE, "backend=cpu");
+        /* and plans host K as before */
+        CHECK_ST(kvc_evictor_plan(ev, &good, evict, N_CELLS, &n_ev, NULL), KVC_STATUS_OK);
+        kvc_evictor_free(cpu_ev);
+        ev = saved_ev;
     }
     /* layers NULL for a policy that reads K */
     s = good;

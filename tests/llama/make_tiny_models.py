@@ -2,6 +2,7 @@
 """Tiny GGUF models with random weights for the hybrid / recurrent memory tests (python3 stdlib only).
 
     tests/llama/make_tiny_models.py [OUT_DIR]     (default build/test-llama; prints the two paths)
+    tests/llama/make_tiny_models.py --truncate SRC DST N   (DST = SRC's first N layers, real weights)
 
 - `tiny-mamba.gguf`: arch `mamba` (recurrent only: llama.cpp gives it a llama_memory_recurrent and no
   attention KV cache), 2 layers.
@@ -253,6 +254,43 @@ def make_lfm2(path, tok, n_vocab, n_swa=0):
     write_gguf(path, kvs, w.tensors)
 
 
+def truncate_layers(src, dst, n_layer):
+    """dst = src's first n_layer blocks with their real weights (the embedding, output and tokenizer kept):
+    a model small enough for the GPU kit (scripts/gpu-check.sh carries at most 64 MiB) that still attends like
+    the trained one in its first layers. Its answers are not the full model's."""
+    with open(src, "rb") as f:
+        r = Reader(f)
+        if f.read(4) != b"GGUF":
+            raise ValueError("%s: not a GGUF file" % src)
+        r.unpack("<I")
+        n_tensors = r.unpack("<Q")
+        n_kv = r.unpack("<Q")
+        kvs = []
+        for _ in range(n_kv):
+            key = r.string()
+            vt = VT(r.unpack("<I"))
+            kvs.append((key, vt, r.value(vt)))
+        infos = []
+        for _ in range(n_tensors):
+            name = r.string()
+            dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+            infos.append((name, dims, r.unpack("<I"), r.unpack("<Q")))
+        align = next((v for k, _, v in kvs if k == "general.alignment"), ALIGN)
+        base = f.tell() + (-f.tell()) % align
+        size = os.fstat(f.fileno()).st_size - base
+        ends = sorted(o for _, _, _, o in infos)[1:] + [size]
+        end_of = dict(zip(sorted(o for _, _, _, o in infos), ends))
+        arch = next(v for k, _, v in kvs if k == "general.architecture")
+        kvs = [(k, vt, n_layer if k == "%s.block_count" % arch else v) for k, vt, v in kvs]
+        tensors = []
+        for name, dims, qt, off in infos:
+            if name.startswith("blk.") and int(name.split(".")[1]) >= n_layer:
+                continue
+            f.seek(base + off)
+            tensors.append((name, dims, qt, f.read(end_of[off] - off)))
+    write_gguf(dst, kvs, tensors)
+
+
 def main(out_dir=None):
     sys.path.insert(0, HERE)
     import kvc_common as k
@@ -267,5 +305,8 @@ def main(out_dir=None):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--truncate":
+        truncate_layers(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        sys.exit(0)
     for p in main(sys.argv[1] if len(sys.argv) > 1 else None).values():
         print(p)

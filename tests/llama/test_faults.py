@@ -8,7 +8,7 @@
 - wrong ABI (a stub .so whose kvc_abi_version() returns 999, built here with cc) and a stub with
   the right ABI but no other symbols: refused at startup with the reason;
 - backend=cuda without a CUDA device (or without the library's cuda feature): startup error, and
-  HTTP 400 per request;
+  HTTP 400 per request; backend=tpu refused; backend=auto on host K plans like backend=cpu;
 - a policy error mid-generation (KVC_FAILPOINT=plan:N, the library's test failpoint): kvc-run and
   llama-completion stop with the library's message; llama-server fails that request (HTTP 500 with
   the message), stays healthy, and the next request on the same slot gives the same answer as
@@ -114,6 +114,12 @@ rc, out, err = kvc_run("-n", "4", "--kv-policy", "snapkv", "--kv-policy-param", 
 c.check(clean_exit(rc) and "'backend'" in err, "backend=tpu: refused at startup (rc %d): %s" % (rc, last_error_line(err)))
 rc, out, err = kvc_run("-n", "4", "--kv-policy", "snapkv", "--kv-policy-param", "backend=cpu")
 c.check(rc == 0 and out is not None and out["cells_evicted"] > 0, "backend=cpu: runs and evicts (rc %d)" % rc)
+# backend=auto (the default since C ABI 2): K in host memory is planned on the CPU, the same plan
+rc2, out2, err2 = kvc_run("-n", "4", "--kv-policy", "snapkv", "--kv-policy-param", "backend=auto")
+c.check(rc2 == 0 and out2 is not None and out is not None and out2["cells_evicted"] == out["cells_evicted"]
+        and out2["answer"] == out["answer"],
+        "backend=auto on host K: the CPU's plan (rc %d, evicted %s vs %s)"
+        % (rc2, out2 and out2.get("cells_evicted"), out and out.get("cells_evicted")))
 
 # ---------------------------------------------------------------------------------------------
 # 3. the policy fails mid-generation (library failpoint: the 2nd plan call panics inside the library)
