@@ -168,7 +168,7 @@ if [ "$BUILD_MODE" != 0 ]; then
             for l in cublas cublasLt; do ln -sf "$(ls "$whl"/lib/lib$l.so.* | head -1)" "$LBUILD/cublas/lib$l.so"; done
             cflags+=("-DCUDA_cublas_LIBRARY=$LBUILD/cublas/libcublas.so" "-DCUDA_cublasLt_LIBRARY=$LBUILD/cublas/libcublasLt.so"
                      "-DCMAKE_CUDA_FLAGS=-I$whl/include" "-DCMAKE_CXX_FLAGS=-I$whl/include"
-                     "-DCMAKE_BUILD_RPATH=$whl/lib")
+                     "-DCMAKE_BUILD_RPATH=$whl/lib" "-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,$whl/lib")
         fi
     fi
     cmake -S "$LBUILD/src" -B "$LBUILD/build" "${cflags[@]}" >"$OUTD/llama-configure.log" 2>&1 ||

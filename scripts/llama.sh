@@ -303,6 +303,14 @@ common_flags() {
         if command -v ccache >/dev/null; then
             echo -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache
         fi
+        if [[ "$root" == "$CACHE"/* ]]; then
+            # the PyPI toolkit is in no default path: the executables' link must find libggml-cuda's
+            # libcudart/libcublas (and the stub libcuda) through -rpath-link, and at run time the
+            # wheels' libraries through the rpath (the driver's libcuda.so.1 comes from the system)
+            echo "-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath-link,$root/lib64:$root/lib64/stubs" \
+                "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath-link,$root/lib64:$root/lib64/stubs" \
+                "-DCMAKE_BUILD_RPATH=$root/lib64"
+        fi
     fi
 }
 
@@ -385,7 +393,7 @@ cmd_build() {
     configure "$BIN_DIR" "$SRC" -DLLAMA_KVCOMPRESS=ON \
         "-DKVCOMPRESS_INCLUDE_DIR=$inc" "-DKVCOMPRESS_LIBRARY=$KVC_LIB" -DKVC_RUN_PATCHED=ON
     cmake --build "$BIN_DIR" -j "$JOBS" --target "${TARGETS[@]}" kvc-run kvc-eval
-    info "build/llama/bin ready in $((SECONDS - t0)) s"
+    info "${BIN_DIR#"$ROOT"/}/bin ready in $((SECONDS - t0)) s"
 }
 
 cmd_baseline() {
