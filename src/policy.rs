@@ -497,17 +497,14 @@ pub const PRESETS: [Preset; 11] = [
                 Range::Int { min: 0, max: 1024 },
                 "sampled future queries per head",
             ),
-            // 0.5 from the 2K question-aware sweep (results/summary-tune2k-sweep.json): 0.35
-            // keeps 95 % of SmolLM2's prompts, 0.5 frees 29 % with every answer the full cache's
-            // and teacher-forced KL 0.024, 0.6 frees 49 % but changes 3 of 6 answers
             p(
                 "quorum",
-                "0.5",
+                "0.35",
                 UNIT,
                 "fraction of (layer, KV head) units that must vote for a cell; 0 = union (keeps most)",
             ),
             p("seed", "0", Range::U64, "sampler seed"),
-            p("pool", "7", POOL, "odd kernel: cells within pool/2 positions of an elected cell are kept too (1 = none)"),
+            p("pool", "7", POOL, "max-pooling kernel of the vote shares along the sequence (odd; 1 = none)"),
             p(
                 "window",
                 "32",
@@ -521,12 +518,12 @@ pub const PRESETS: [Preset; 11] = [
                 p: v.f32("p")?,
                 samples: v.usize("samples")?,
                 seed: v.u64("seed")?,
+                kernel: v.odd("pool")?,
             };
             let quorum = v.f32("quorum")?;
-            let pool = v.odd("pool")?;
             Ok((
                 Box::new(scorer),
-                Box::new(Vote { quorum, pool }),
+                Box::new(Vote { quorum }),
                 Box::new(Uniform),
             ))
         },

@@ -95,19 +95,12 @@ pub fn keep_for_ratio(r: f32, n_seen: usize) -> usize {
 }
 
 /// GVote's budget: every cell that at least `min_votes` units voted for (a unit votes for a
-/// cell when any of its sampled queries' top-p nuclei contains it), and the cells within
-/// `pool / 2` positions of one (a multi-token number or name whose strongest token won the vote
-/// is kept whole). `min_votes = 1` is the union, the lossless end of the knob.
-///
-/// The widening comes after the tally, not before: pooling every unit's votes first (the scorer
-/// did, with 7) made each unit vote for ~83 % of a 1K prompt, so nearly every cell cleared the
-/// quorum and the default kept ~all cells (results/gvote-tuning.md).
+/// cell when any of its sampled queries' top-p nuclei contains it). `min_votes = 1` is the
+/// union, the lossless end of the knob.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Vote {
     /// fraction of the (layer, KV head) units that must vote for a cell; 0 = union
     pub quorum: f32,
-    /// odd kernel: a cell within `pool / 2` held positions of an elected one is kept (1 = none)
-    pub pool: usize,
 }
 
 impl Vote {
@@ -126,50 +119,28 @@ impl Vote {
     pub fn min_votes(&self, n_units: usize) -> u32 {
         ((self.quorum as f64 * n_units as f64).ceil() as u32).max(1)
     }
-
-    /// The elected cells widened by `pool / 2` neighbours on each side in position order.
-    pub fn widen(&self, elected: &[bool], pos: &[i32]) -> Vec<bool> {
-        let r = self.pool / 2;
-        if r == 0 {
-            return elected.to_vec();
-        }
-        let mut order: Vec<usize> = (0..pos.len()).collect();
-        order.sort_by_key(|&i| pos[i]);
-        let mut out = elected.to_vec();
-        for (j, &i) in order.iter().enumerate() {
-            if elected[i] {
-                let hi = (j + r).min(order.len() - 1);
-                for &k in &order[j.saturating_sub(r)..=hi] {
-                    out[k] = true;
-                }
-            }
-        }
-        out
-    }
 }
 
 impl BudgetRule for Vote {
     fn decide(&self, c: &DecideCtx) -> Decision {
         let tally = Self::tally(c.grid);
         let need = self.min_votes(c.grid.units.len());
-        let elected: Vec<bool> = tally.iter().map(|&v| v >= need).collect();
-        let kept = self.widen(&elected, c.pos);
-        let budget = kept
+        let budget = tally
             .iter()
             .zip(c.protected)
-            .filter(|(&k, &p)| p || k)
+            .filter(|(&v, &p)| p || v >= need)
             .count();
-        // kept cells come first (so the kept set is exactly them plus the protected cells);
-        // within each tier a cell ranks by the best rank it reaches in any unit's vote shares
-        // (a cell every ballot of one head wants beats a cell many heads want a little): under a
-        // tight cap a plain sum of shares let the filler outvote a needle
+        // cells with enough votes come first (so the kept set is exactly them plus the
+        // protected cells); within each tier a cell ranks by the best rank it reaches in any
+        // unit's vote shares (a cell every ballot of one head wants beats a cell many heads want
+        // a little): under a tight cap a plain sum of shares let the filler outvote a needle
         let best =
             crate::select::best_rank_of(&c.grid.units, c.pos, c.protected, &c.grid.token_mean());
         let tier = (tally.len() + 2) as f32;
         let ranking = best
             .iter()
-            .zip(&kept)
-            .map(|(&b, &k)| if k { b + tier } else { b })
+            .zip(&tally)
+            .map(|(&b, &v)| if v >= need { b + tier } else { b })
             .collect();
         Decision {
             budget,
@@ -223,36 +194,5 @@ pub(crate) fn fix_sum(v: &mut [usize], target: usize, cap: usize, prio: &[f32]) 
             .unwrap_or(0);
         v[i] -= 1;
         sum -= 1;
-    }
-}
-
-#[cfg(test)]
-mod vote_tests {
-    use super::Vote;
-
-    #[test]
-    fn widen_keeps_neighbours_in_position_order_only_around_elected_cells() {
-        // cells held out of position order (a re-packed or shifted cache)
-        let pos = [5, 0, 3, 1, 2, 4, 9];
-        let elected = [false, false, false, false, true, false, false]; // position 2
-        let v = Vote {
-            quorum: 0.5,
-            pool: 3,
-        };
-        let kept = v.widen(&elected, &pos);
-        let mut kept_pos: Vec<i32> = pos
-            .iter()
-            .zip(&kept)
-            .filter(|(_, &k)| k)
-            .map(|(&p, _)| p)
-            .collect();
-        kept_pos.sort();
-        assert_eq!(kept_pos, vec![1, 2, 3]);
-        // pool=1 widens nothing; nothing elected keeps nothing
-        assert_eq!(
-            Vote { pool: 1, ..v }.widen(&elected, &pos),
-            elected.to_vec()
-        );
-        assert!(v.widen(&[false; 7], &pos).iter().all(|&k| !k));
     }
 }

@@ -5,8 +5,8 @@
 //!
 //! The paper fits a Gaussian to normalized hidden states and projects samples through W_q.
 //! The library never sees hidden states or weights, so it fits the Gaussian directly to the
-//! captured post-RoPE queries of the observation window, per query head, with their empirical
-//! (full, low-rank) covariance. That models the query distribution at nearby positions, which is what the next
+//! captured post-RoPE queries of the observation window, per query head, with a diagonal
+//! covariance. That models the query distribution at nearby positions, which is what the next
 //! tokens will produce. Each sample (and the real newest query) marks its top-p nucleus over
 //! all held keys (a future query sees every cached key).
 
@@ -30,6 +30,9 @@ pub struct GVote {
     pub samples: usize,
     /// seed of the sampler; results are deterministic for a seed
     pub seed: u64,
+    /// max-pooling kernel over the vote shares (1 = none): a cell next to a voted one shares
+    /// its vote, so a multi-token entity is kept whole
+    pub kernel: usize,
 }
 
 /// SplitMix64: tiny, fast and good enough to draw Gaussian samples reproducibly.
@@ -101,41 +104,37 @@ impl Scorer for GVote {
             // the real newest query votes first (GVote's "single-step budget estimation")
             cast(u.q(newest, h), &mut votes);
             ballots += 1;
-            // Gaussian with the window's own (empirical, full) covariance: a sample is the mean
-            // plus a random combination of the centred window queries, z ~ N(0, I_rows) scaled by
-            // 1/sqrt(rows). It lies in the span the real queries span, so its nucleus is one a
-            // real query could have. The diagonal fit this replaces (same per-coordinate
-            // variance, correlations dropped) drew directions no query takes: 24 such nuclei
-            // covered 54 % of a 1K prompt per unit against 20-27 % for the 3 real queries
-            // (results/gvote-tuning.md), so the vote kept ~every cell.
-            let rows = u.queries.len();
+            // diagonal Gaussian fitted to the window's queries of this head
+            let rows = u.queries.len() as f32;
             let mut mean = vec![0.0f32; d];
             for r in u.queries {
                 mean.iter_mut()
                     .zip(u.q(r, h))
-                    .for_each(|(m, v)| *m += v / rows as f32);
+                    .for_each(|(m, v)| *m += v / rows);
             }
-            let scale = 1.0 / (rows as f32).sqrt();
+            let mut std = vec![0.0f32; d];
+            for r in u.queries {
+                std.iter_mut()
+                    .zip(u.q(r, h))
+                    .zip(&mean)
+                    .for_each(|((s, v), m)| *s += (v - m) * (v - m) / rows);
+            }
+            std.iter_mut().for_each(|s| *s = s.sqrt());
             let mut rng = Rng::new(self.stream_seed(u.layer, h));
             let mut q = vec![0.0f32; d];
             for _ in 0..self.samples {
-                q.copy_from_slice(&mean);
-                for r in u.queries {
-                    let z = rng.normal() * scale;
-                    q.iter_mut()
-                        .zip(u.q(r, h))
-                        .zip(&mean)
-                        .for_each(|((x, v), m)| *x += z * (v - m));
+                for k in 0..d {
+                    q[k] = mean[k] + std[k] * rng.normal();
                 }
                 cast(&q, &mut votes);
                 ballots += 1;
             }
         }
-        // the vote shares, unpooled: `budget::Vote` widens the elected cells after the tally
-        votes
+        let shares: Vec<f32> = votes
             .iter()
             .map(|&v| v as f32 / ballots.max(1) as f32)
-            .collect()
+            .collect();
+        kernels::pool1d(&shares, self.kernel, true)
     }
 }
 
