@@ -218,6 +218,9 @@ fn both(
             rows.iter().skip(rows.len().saturating_sub(k)).collect()
         }
         kvcompress::score::QuerySel::Unconsumed => rows.iter().collect(),
+        // the remembered spread sample (dbudget ranker=context): these cases hand over their
+        // rows directly, so every row is the sample
+        kvcompress::score::QuerySel::Spread { .. } => rows.iter().collect(),
     };
     let prot = select::protected(&case.pos, policy.sinks, policy.window);
     let hk = cache.host_keys();
@@ -558,6 +561,7 @@ fn auto_backend_follows_the_memory() {
         pos: &case.pos,
         max_cells: 0,
         prompt_end: true,
+        room: false,
     };
     for dt in DTYPES {
         let cache = Cache::new(&gpu, &case, dt, 31);
