@@ -164,24 +164,17 @@ impl UnitCtx<'_> {
 
     /// Per query head of the group: the largest attention each cell receives from any of `rows`.
     pub fn received_max(&self, rows: &[&QueryRow]) -> Vec<Vec<f32>> {
-        let n = self.n();
-        self.heads()
-            .map(|h| {
-                let mut acc = vec![0.0f32; n];
-                let qs: Vec<(&[f32], usize)> = rows
-                    .iter()
-                    .map(|r| (self.q(r, h), kernels::visible(self.pos, r.pos)))
-                    .collect();
-                kernels::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, |_, row| {
-                    acc.iter_mut().zip(row).for_each(|(a, &p)| *a = a.max(p))
-                });
-                acc
-            })
-            .collect()
+        self.received_folded(rows, |a, p| *a = a.max(p))
     }
 
     /// Per query head of the group: the attention mass each cell receives from `rows`, summed.
     pub fn received(&self, rows: &[&QueryRow]) -> Vec<Vec<f32>> {
+        self.received_folded(rows, |a, p| *a += p)
+    }
+
+    /// Per query head of the group: each cell's attention from `rows`, folded row by row into
+    /// an accumulator starting at 0 (sum or max).
+    fn received_folded(&self, rows: &[&QueryRow], fold: impl Fn(&mut f32, f32)) -> Vec<Vec<f32>> {
         let n = self.n();
         self.heads()
             .map(|h| {
@@ -191,7 +184,7 @@ impl UnitCtx<'_> {
                     .map(|r| (self.q(r, h), kernels::visible(self.pos, r.pos)))
                     .collect();
                 kernels::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, |_, row| {
-                    acc.iter_mut().zip(row).for_each(|(a, p)| *a += p)
+                    acc.iter_mut().zip(row).for_each(|(a, &p)| fold(a, p))
                 });
                 acc
             })
