@@ -13,7 +13,8 @@
 //   --kvc-state-roundtrip  after the prefill, save sequence 0 (llama_state_seq_get_data), decode, then clear it,
 //                        restore it (llama_state_seq_set_data) and decode again; the JSON gets
 //                        "roundtrip": {"state_bytes", "answer", "cells_held"} of the first decode, the usual
-//                        fields are of the decode after the restore
+//                        fields are of the decode after the restore; "state_same": the restored sequence saved
+//                        again gives the same bytes
 //   --kvc-truncate P     after the prefill, remove positions [P, end) of sequence 0 (llama_memory_seq_rm) and print
 //                        {"truncate": {"pos", "ok", "cells_before", "cells_after"}} instead of decoding
 //
@@ -290,6 +291,7 @@ int main(int argc, char ** argv) {
     int32_t n_decoded = 0;
     std::string rt_answer;
     int32_t     rt_held = -1;
+    bool        rt_same = false;
     for (int pass = 0; pass < (roundtrip ? 2 : 1); ++pass) {
         if (pass == 1) {
             for (size_t i = 0; i < seqs[0].answer.size() && !llama_vocab_is_eog(vocab, seqs[0].answer[i]); ++i) {
@@ -306,6 +308,10 @@ int main(int argc, char ** argv) {
                 LOG_ERR("%s: llama_state_seq_set_data failed\n", __func__);
                 return 1;
             }
+            // the restored sequence saved again: the same bytes (positions, rows, the policy's masks) in the same
+            // order, wherever the restore put its cells
+            std::vector<uint8_t> again(llama_state_seq_get_size(ctx, 0));
+            rt_same = !again.empty() && llama_state_seq_get_data(ctx, again.data(), again.size(), 0) == again.size() && again == state;
             seqs = seqs_saved;
             n_decoded = 0;
         }
@@ -399,7 +405,8 @@ int main(int argc, char ** argv) {
     std::string out_rt;
     if (roundtrip) {
         char buf[128];
-        snprintf(buf, sizeof(buf), ", \"roundtrip\": {\"state_bytes\": %zu, \"cells_held\": %d, \"answer\": \"", state.size(), rt_held);
+        snprintf(buf, sizeof(buf), ", \"roundtrip\": {\"state_bytes\": %zu, \"cells_held\": %d, \"state_same\": %s, \"answer\": \"",
+                 state.size(), rt_held, rt_same ? "true" : "false");
         out_rt = buf + json_escape(rt_answer) + "\"}";
     }
 
