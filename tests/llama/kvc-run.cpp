@@ -15,8 +15,9 @@
 //                        "roundtrip": {"state_bytes", "answer", "cells_held"} of the first decode, the usual
 //                        fields are of the decode after the restore; "state_same": the restored sequence saved
 //                        again gives the same bytes
-//   --kvc-truncate P     after the prefill, remove positions [P, end) of sequence 0 (llama_memory_seq_rm) and print
-//                        {"truncate": {"pos", "ok", "cells_before", "cells_after"}} instead of decoding
+//   --kvc-truncate P     after the prefill, remove positions [P, end) of sequence 0 (llama_memory_seq_rm), feed the
+//                        removed prompt tokens again (their last logits to --kvc-logits) and print {"truncate": {"pos",
+//                        "ok", "cells_before", "cells_after", "refeed_token"}} instead of decoding
 //
 // A KV cache policy error (common_kv_policy_take_error) stops the run: exit status 3, the message on stderr.
 //
@@ -281,8 +282,27 @@ int main(int argc, char ** argv) {
         const bool    ok           = llama_memory_seq_rm(mem, 0, truncate_pos, -1);
         const int32_t cells_after  = llama_memory_seq_pos_max(mem, 0) + 1;
 #endif
-        printf("{\"truncate\": {\"pos\": %d, \"ok\": %s, \"cells_before\": %d, \"cells_after\": %d, \"pos_end\": %d}}\n",
-               truncate_pos, ok ? "true" : "false", cells_before, cells_after, before);
+        // the removed prompt tokens fed again: the logits at the prompt's end (--kvc-logits; computed before the
+        // policy runs again) show what the truncated sequence still holds
+        int32_t refeed = -1;
+        const int32_t n_prompt = (int32_t) seqs[0].prompt.size();
+        for (int32_t p = truncate_pos; ok && p < n_prompt; ) {
+            batch.clear();
+            int32_t idx = -1;
+            for (int32_t j = 0; j < n_batch && p < n_prompt; ++j, ++p) {
+                const int32_t i = batch.add(seqs[0].prompt[p], p, 0, p == n_prompt - 1);
+                idx = p == n_prompt - 1 ? i : idx;
+            }
+            if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
+                LOG_ERR("%s: decode after the truncation failed\n", __func__);
+                return 1;
+            }
+            if (idx >= 0) {
+                refeed = greedy(idx);
+            }
+        }
+        printf("{\"truncate\": {\"pos\": %d, \"ok\": %s, \"cells_before\": %d, \"cells_after\": %d, \"pos_end\": %d, \"refeed_token\": %d}}\n",
+               truncate_pos, ok ? "true" : "false", cells_before, cells_after, before, refeed);
         fflush(stdout);
         return 0;
     }

@@ -23,20 +23,23 @@
    tokens sit in other cells, so SIMD sums round differently, and this Q4_1 model turns that into max |dlogit|
    ~0.5 and KL up to ~4e-3 (as in 2; FA on vs off alone: ~3e-3), while wrong rows give KL > 1. More cells are freed, and the cells held = the largest layer's kept count + the decoded tokens
    (per layer), fewer than masks only (per head), for pyramidkv, snapkv, adakv (per layer and per head).
-8. a re-packed sequence: llama_state_seq_get_data fails with an error naming the re-pack (a restore
-   could not rebuild which layer sees which row), while the masks-only sequence still round-trips;
-   llama_memory_seq_rm refuses a range that cuts through the re-packed cells (nothing removed) and
-   removes a range after them.
-9. llama-server with a re-packing policy (pyramidkv granularity=layer) and a RAM prompt cache: the answer
-   keeps the passkey, /slots save of the re-packed slot fails with an error (the log names the re-pack) and
-   the server keeps serving: a second prompt on the same slot (its state cannot go to the prompt cache) gets
-   its own passkey, /health is 200.
+8. a re-packed sequence (patch 0013): its state carries the policy's masks: llama_state_seq_get_data, clear,
+   llama_state_seq_set_data (the cells land elsewhere), saved again gives the same bytes, and the decode after the
+   restore equals the decode before it (snapkv per layer, adakv per head); the masks-only sequence round-trips too.
+   llama_memory_seq_rm(seq, P, -1) through the re-packed cells hides the rows that hold removed tokens and removes
+   the cells past P: the removed tokens fed again give the logits of the masks-only sequence truncated at P; a
+   range after the re-packed cells is removed as before.
+9. llama-server with a re-packing policy (pyramidkv granularity=layer) and a RAM prompt cache: the answer keeps
+   the passkey; /slots save and restore of the re-packed slot (the same n_cells; continuing after the restore ==
+   continuing before it); another prompt moves it into the RAM prompt cache and the next turn loads it back (the
+   prefix reused, the answer of a /slots restore of the same state).
 The first sampled token comes from the prompt's logits, computed before the policy runs.
 KVC_LLAMA_SRC: the llama.cpp tree whose ggml headers build the op test (default build/llama-src).
 """
 import array
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -228,10 +231,29 @@ rt = out and out.get("roundtrip")
 c.check(rc == 0 and rt and rt["answer"] == out["answer"] and rt["state_same"],
         "the same sequence masked but not re-packed round-trips (rc %d, %r / %r, saved again the same bytes: %s)"
         % (rc, rt and rt["answer"], out and out["answer"], rt and rt["state_same"]))
-rc, cut, err = kvc_run_json("--kvc-truncate", "200")
-cut = cut and cut.get("truncate")
-c.check(rc == 0 and cut and cut["ok"] is False and cut["cells_after"] == cut["cells_before"] and "cut through cells re-packed" in err,
-        "llama_memory_seq_rm through the re-packed cells is refused, nothing removed: %s" % cut)
+# truncating the end of a re-packed sequence through its re-packed cells (llama_memory_seq_rm(seq, P, -1), what
+# llama-server does when a new prompt shares a prefix; patch 0013): the rows of the cells before P that hold a token
+# at or past P are hidden for good (the log counts them), the cells past P go; the removed prompt tokens fed again
+# give the logits of the masks-only sequence truncated the same way (same top token, KL < 1e-2: rounding, as in 7)
+for tag, pol, params, cut_at in (("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 200),
+                                 ("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 350),
+                                 ("adah", "adakv", ["ratio=0.5", "granularity=head", "interval=0"], 300)):
+    extra = ["--kvc-truncate", str(cut_at)]
+    rp = run("cut-%s-%d" % (tag, cut_at), pol, params, extra=extra)
+    mk = run("cut-%s-%d-nopack" % (tag, cut_at), pol, params, masks="nopack", extra=extra)
+    if not (rp and mk):
+        continue
+    t = rp["truncate"]
+    m = re.search(r"truncated at %d through cells re-packed by the KV cache policy \(positions (\d+)\.\.(\d+)\): (\d+) rows" % cut_at,
+                  rp["log"])
+    dk = kl(dict(logits=rp["logits"][1:]), dict(logits=mk["logits"][1:]))
+    lost = re.search(r"truncating at %d removes (\d+) re-packed rows" % cut_at, rp["log"])
+    c.check(t["ok"] and t["cells_after"] < t["cells_before"] and m and int(m.group(1)) < cut_at <= int(m.group(2))
+            and int(m.group(3)) > 0 and tokens(rp)[1] == tokens(mk)[1] and dk < 1e-2,
+            "%s %s: truncated at %d through the re-packed cells (%s): %d -> %d cells, %s rows hidden (%s lost); fed again "
+            "== masks only truncated the same way (KL %.2g)"
+            % (pol, " ".join(params), cut_at, m and "positions %s..%s" % m.groups()[:2], t["cells_before"], t["cells_after"],
+               m and m.group(3), lost.group(1) if lost else 0, dk))
 rc, tail, err = kvc_run_json("--kvc-truncate", "440")
 tail = tail and tail.get("truncate")
 c.check(rc == 0 and tail and tail["ok"] is True and tail["cells_after"] == tail["cells_before"] - (tail["pos_end"] - 440),
