@@ -16,7 +16,7 @@
 //                        fields are of the decode after the restore; "state_same": the restored sequence saved
 //                        again gives the same bytes
 //   --kvc-truncate P     after the prefill, remove positions [P, end) of sequence 0 (llama_memory_seq_rm), feed the
-//                        removed prompt tokens again (their last logits to --kvc-logits) and print {"truncate": {"pos",
+//                        removed prompt tokens again (the logits at P and at the end to --kvc-logits) and print {"truncate": {"pos",
 //                        "ok", "cells_before", "cells_after", "refeed_token"}} instead of decoding
 //
 // A KV cache policy error (common_kv_policy_take_error) stops the run: exit status 3, the message on stderr.
@@ -282,23 +282,30 @@ int main(int argc, char ** argv) {
         const bool    ok           = llama_memory_seq_rm(mem, 0, truncate_pos, -1);
         const int32_t cells_after  = llama_memory_seq_pos_max(mem, 0) + 1;
 #endif
-        // the removed prompt tokens fed again: the logits at the prompt's end (--kvc-logits; computed before the
+        // the removed prompt tokens fed again: the logits at the first of them (what a row still holding a removed
+        // token would leak to most: the tokens after it) and at the prompt's end (--kvc-logits; computed before the
         // policy runs again) show what the truncated sequence still holds
         int32_t refeed = -1;
         const int32_t n_prompt = (int32_t) seqs[0].prompt.size();
         for (int32_t p = truncate_pos; ok && p < n_prompt; ) {
             batch.clear();
-            int32_t idx = -1;
+            int32_t idx_first = -1;
+            int32_t idx_last  = -1;
             for (int32_t j = 0; j < n_batch && p < n_prompt; ++j, ++p) {
-                const int32_t i = batch.add(seqs[0].prompt[p], p, 0, p == n_prompt - 1);
-                idx = p == n_prompt - 1 ? i : idx;
+                const bool first = p == truncate_pos && p < n_prompt - 1;
+                const int32_t i = batch.add(seqs[0].prompt[p], p, 0, first || p == n_prompt - 1);
+                idx_first = first ? i : idx_first;
+                idx_last  = p == n_prompt - 1 ? i : idx_last;
             }
             if (llama_process(ctx, LLAMA_PROCESS_TYPE_DECODE, batch.get()) != 0) {
                 LOG_ERR("%s: decode after the truncation failed\n", __func__);
                 return 1;
             }
-            if (idx >= 0) {
-                refeed = greedy(idx);
+            if (idx_first >= 0) {
+                greedy(idx_first);
+            }
+            if (idx_last >= 0) {
+                refeed = greedy(idx_last);
             }
         }
         printf("{\"truncate\": {\"pos\": %d, \"ok\": %s, \"cells_before\": %d, \"cells_after\": %d, \"pos_end\": %d, \"refeed_token\": %d}}\n",

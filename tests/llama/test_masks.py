@@ -209,8 +209,10 @@ def kvc_run_json(*extra, masks=None):
 
 # a re-packed sequence's state carries the policy's masks (patch 0013): saved after the prefill, decoded, cleared,
 # restored into other cells (the restore compacts them) and decoded again. the restored sequence saved again gives
-# the same bytes (positions, rows, masks), and the second decode equals the first: the same tokens, KL < 1e-2 (the
-# rounding of other cells, as in 7; stale rows shown again would give KL > 1). per layer (snapkv) and per head (adakv)
+# the same bytes (positions, rows, masks: without the masks a one-off build saved different bytes), and the second
+# decode equals the first: the same tokens, KL < 1e-2 (the rounding of other cells, as in 7). the decode alone does not
+# tell a lost mask: a stale row holds a token its layer evicted, and showing it again moved the KL by 3e-4 at most in
+# the one-off build; the bytes do. per layer (snapkv) and per head (adakv)
 for tag, pol, params in (("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"]),
                          ("adah", "adakv", ["ratio=0.5", "granularity=head", "interval=0"])):
     rt = run("rt-" + tag, pol, params, extra=["--kvc-state-roundtrip"])
@@ -234,9 +236,12 @@ c.check(rc == 0 and rt and rt["answer"] == out["answer"] and rt["state_same"],
 # truncating the end of a re-packed sequence through its re-packed cells (llama_memory_seq_rm(seq, P, -1), what
 # llama-server does when a new prompt shares a prefix; patch 0013): the rows of the cells before P that hold a token
 # at or past P are hidden for good (the log counts them), the cells past P go; the removed prompt tokens fed again
-# give the logits of the masks-only sequence truncated the same way (same top token, KL < 1e-2: rounding, as in 7)
+# give the logits of the masks-only sequence truncated the same way: at P, where a row still holding a removed token
+# leaks the text after P, KL < 1e-4 (measured 0: the kept rows keep their order, so the sums are the same; with the
+# rows left visible, a one-off build measured 0.66, 0.17 and 0.026 for the three cases), at the end KL < 1e-2 (new
+# tokens sit in other cells: rounding, as in 7)
 for tag, pol, params, cut_at in (("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 200),
-                                 ("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 350),
+                                 ("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 250),
                                  ("adah", "adakv", ["ratio=0.5", "granularity=head", "interval=0"], 300)):
     extra = ["--kvc-truncate", str(cut_at)]
     rp = run("cut-%s-%d" % (tag, cut_at), pol, params, extra=extra)
@@ -246,14 +251,15 @@ for tag, pol, params, cut_at in (("snap", "snapkv", ["ratio=0.5", "granularity=l
     t = rp["truncate"]
     m = re.search(r"truncated at %d through cells re-packed by the KV cache policy \(positions (\d+)\.\.(\d+)\): (\d+) rows" % cut_at,
                   rp["log"])
-    dk = kl(dict(logits=rp["logits"][1:]), dict(logits=mk["logits"][1:]))
+    dk_p = kl(dict(logits=rp["logits"][1:2]), dict(logits=mk["logits"][1:2]))
+    dk = kl(dict(logits=rp["logits"][2:]), dict(logits=mk["logits"][2:]))
     lost = re.search(r"truncating at %d removes (\d+) re-packed rows" % cut_at, rp["log"])
     c.check(t["ok"] and t["cells_after"] < t["cells_before"] and m and int(m.group(1)) < cut_at <= int(m.group(2))
-            and int(m.group(3)) > 0 and tokens(rp)[1] == tokens(mk)[1] and dk < 1e-2,
+            and int(m.group(3)) > 0 and len(rp["logits"]) == 3 and tokens(rp) == tokens(mk) and dk_p < 1e-4 and dk < 1e-2,
             "%s %s: truncated at %d through the re-packed cells (%s): %d -> %d cells, %s rows hidden (%s lost); fed again "
-            "== masks only truncated the same way (KL %.2g)"
+            "== masks only truncated the same way (KL at P %.2g, at the end %.2g)"
             % (pol, " ".join(params), cut_at, m and "positions %s..%s" % m.groups()[:2], t["cells_before"], t["cells_after"],
-               m and m.group(3), lost.group(1) if lost else 0, dk))
+               m and m.group(3), lost.group(1) if lost else 0, dk_p, dk))
 rc, tail, err = kvc_run_json("--kvc-truncate", "440")
 tail = tail and tail.get("truncate")
 c.check(rc == 0 and tail and tail["ok"] is True and tail["cells_after"] == tail["cells_before"] - (tail["pos_end"] - 440),
