@@ -17,7 +17,8 @@
 //                        again gives the same bytes
 //   --kvc-truncate P     after the prefill, remove positions [P, end) of sequence 0 (llama_memory_seq_rm), feed the
 //                        removed prompt tokens again (the logits at P and at the end to --kvc-logits) and print {"truncate": {"pos",
-//                        "ok", "cells_before", "cells_after", "refeed_token"}} instead of decoding
+//                        "ok", "cells_before", "cells_after", "refeed_token"}} instead of decoding; with
+//                        --kvc-state-roundtrip the sequence is saved, cleared and restored before the truncation
 //
 // A KV cache policy error (common_kv_policy_take_error) stops the run: exit status 3, the message on stderr.
 //
@@ -272,6 +273,15 @@ int main(int argc, char ** argv) {
 
     if (truncate_pos >= 0) {
         llama_memory_t mem = llama_get_memory(ctx);
+        if (roundtrip) {
+            // with --kvc-state-roundtrip: the sequence saved above is cleared and restored first, so the truncation
+            // acts on what the state carried
+            llama_memory_seq_rm(mem, 0, -1, -1);
+            if (llama_state_seq_set_data(ctx, state.data(), state.size(), 0) != state.size()) {
+                LOG_ERR("%s: llama_state_seq_set_data failed\n", __func__);
+                return 1;
+            }
+        }
         const int32_t before = llama_memory_seq_pos_max(mem, 0) + 1;
 #ifdef KVC_RUN_PATCHED
         const int32_t cells_before = llama_kv_policy_n_cells(ctx, 0);

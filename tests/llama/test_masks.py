@@ -240,12 +240,15 @@ c.check(rc == 0 and rt and rt["answer"] == out["answer"] and rt["state_same"],
 # leaks the text after P, KL < 1e-4 (measured 0: the kept rows keep their order, so the sums are the same; with the
 # rows left visible, a one-off build measured 0.66, 0.17 and 0.026 for the three cases), at the end KL < 1e-2 (new
 # tokens sit in other cells: rounding, as in 7)
-for tag, pol, params, cut_at in (("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 200),
-                                 ("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 250),
-                                 ("adah", "adakv", ["ratio=0.5", "granularity=head", "interval=0"], 300)):
+# ("restored": the same after a save, clear and restore, which must carry the rows' token positions and the span)
+for tag, pol, params, cut_at, restored in (("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 200, False),
+                                           ("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 250, False),
+                                           ("snap", "snapkv", ["ratio=0.5", "granularity=layer", "interval=0"], 250, True),
+                                           ("adah", "adakv", ["ratio=0.5", "granularity=head", "interval=0"], 300, False)):
     extra = ["--kvc-truncate", str(cut_at)]
-    rp = run("cut-%s-%d" % (tag, cut_at), pol, params, extra=extra)
-    mk = run("cut-%s-%d-nopack" % (tag, cut_at), pol, params, masks="nopack", extra=extra)
+    rp = run("cut-%s-%d%s" % (tag, cut_at, "-rt" if restored else ""), pol, params,
+             extra=extra + (["--kvc-state-roundtrip"] if restored else []))
+    mk = runs.get("cut-%s-%d-nopack" % (tag, cut_at)) or run("cut-%s-%d-nopack" % (tag, cut_at), pol, params, masks="nopack", extra=extra)
     if not (rp and mk):
         continue
     t = rp["truncate"]
@@ -256,9 +259,10 @@ for tag, pol, params, cut_at in (("snap", "snapkv", ["ratio=0.5", "granularity=l
     lost = re.search(r"truncating at %d removes (\d+) re-packed rows" % cut_at, rp["log"])
     c.check(t["ok"] and t["cells_after"] < t["cells_before"] and m and int(m.group(1)) < cut_at <= int(m.group(2))
             and int(m.group(3)) > 0 and len(rp["logits"]) == 3 and tokens(rp) == tokens(mk) and dk_p < 1e-4 and dk < 1e-2,
-            "%s %s: truncated at %d through the re-packed cells (%s): %d -> %d cells, %s rows hidden (%s lost); fed again "
+            "%s %s: %struncated at %d through the re-packed cells (%s): %d -> %d cells, %s rows hidden (%s lost); fed again "
             "== masks only truncated the same way (KL at P %.2g, at the end %.2g)"
-            % (pol, " ".join(params), cut_at, m and "positions %s..%s" % m.groups()[:2], t["cells_before"], t["cells_after"],
+            % (pol, " ".join(params), "restored, then " if restored else "", cut_at,
+               m and "positions %s..%s" % m.groups()[:2], t["cells_before"], t["cells_after"],
                m and m.group(3), lost.group(1) if lost else 0, dk_p, dk))
 rc, tail, err = kvc_run_json("--kvc-truncate", "440")
 tail = tail and tail.get("truncate")
