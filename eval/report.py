@@ -440,10 +440,14 @@ def parallel_lines(par):
            "so every answer is produced while all N sequences share the cache" if resident else
            "the N prompts are sent at once and each generates until every prompt is prefilled")
     n_prompt = next((q["n_prompt"] for r in par["policies"].values() for x in r["runs"] for q in x["requests"]
-                     if q.get("n_prompt")), f"~{su['prompt_tokens_target']}")
-    lines = [f"Parallel passkey requests in one shared cache (`scripts/bench-parallel.py`: `{su['flags']}`, "
-             f"{par['machine']}; N prompts of {n_prompt} tokens, depth {su['depth']:g}, "
-             f"different keys; {how}). N passes when every request answers its passkey and the server logs no "
+                     if q.get("n_prompt")), f"~{su.get('prompt_tokens_target', '?')}")
+    what = (f"N prompts cycling {', '.join(su['mix'])} (task:tokens)" if su.get("mix") else f"N prompts of {n_prompt} tokens")
+    ok = ("every answer is identical to a fresh full-cache server's on the same prompt" if su.get("mix") else
+          "every request answers its passkey")
+    lines = [f"Parallel requests in one shared cache (`scripts/bench-parallel.py`: `{su['flags']}`, "
+             f"{par['machine']}; {what}, depth {su['depth']:g}, "
+             f"different keys; {how}). " + (f"{par['note']}. " if par.get("note") else "")
+             + f"N passes when {ok} and the server logs no "
              "context-exceeded error, slot purge (an idle slot's cells dropped for room) or policy failure; "
              f"ladder {', '.join(map(str, su['ladder']))}, stops at the first failure"
              + (", then the N in between are searched" if su.get("bisect") else "") + ". Cells held are "
@@ -452,9 +456,9 @@ def parallel_lines(par):
              + ". A prompt that arrives when the cache is nearly full is evicted by the policy hook down to the "
              "free cells, whatever its budget (sequences not in the decode call are never touched), so the last "
              "sequences of a passing N hold fewer cells, and a failing N is one where such a sequence lost its key:", "",
-             "| policy | max N, all passkeys | cells held / seq at max N"
+             "| policy | max N, all answers | cells held / seq at max N"
              + (" after own prefill (min–max) | at answer, all N together |" if resident else " (min–max) | held together |")
-             + " runs (N: passkeys ok) |", "|---|---|---|---|---|"]
+             + " runs (N: answers identical) |", "|---|---|---|---|---|"]
     for pol, r in par["policies"].items():
         best = next((x for x in r["runs"] if x["n"] == r["max_n_all_passkeys"]), None)
         held, total = "–", "–"
@@ -475,7 +479,9 @@ def parallel_lines(par):
             pre = [q["cells_held_after_prefill"] for q in x["requests"] if q.get("cells_held_after_prefill") is not None]
             if resident and not x["ok"] and not why and pre:
                 why = [f"fewest cells after a prefill: {min(pre)}"]
-            runs.append(f"{x['n']}: {x['n_ok']}/{x['n']}" + (f" ({', '.join(why)})" if why else ""))
+            keys = (f", key in {x['n_key_retrieved']}/{x['n']}" if "n_key_retrieved" in x and x["n_key_retrieved"] != x["n_ok"]
+                    else "")
+            runs.append(f"{x['n']}: {x['n_ok']}/{x['n']}{keys}" + (f" ({', '.join(why)})" if why else ""))
         lines.append(f"| `{pol}` | {maxn} | {held} | {total} | {', '.join(runs)} |")
     lines.append("")
     return lines

@@ -58,9 +58,11 @@ to size the benchmark, not a speed figure (the machine is shared).
   BENCH_QUICK=1 python3 scripts/bench-parallel.py         # smoke run, ~1-2 min
 
 Other knobs: THREADS (1), CTX (8192), TOKENS (2048), DEPTH (0.5), BATCH/UBATCH (512), ANSWER_TOKENS (10),
-POLICY_BUDGET_S (720: no new N for a policy after this long), REQUEST_TIMEOUT (1200 s), MODE (resident).
+POLICY_BUDGET_S (720: no new N for a policy after this long), REQUEST_TIMEOUT (1200 s), MODE (resident),
+REUSE_REFERENCES (0; 1: the full-cache answers of an earlier run on the same prompts).
 The full default run took 29 min here (none, dbudget, gvote, snapkv, streaming; 28 servers).
 """
+import hashlib
 import json
 import math
 import os
@@ -106,6 +108,9 @@ if MODE not in ("resident", "concurrent"):
 TIMEOUT = int(os.environ.get("REQUEST_TIMEOUT", "1200"))
 # a policy whose runs have taken this long starts no further N (recorded as stopped_by_time_budget)
 POLICY_BUDGET_S = float(os.environ.get("POLICY_BUDGET_S", "720"))
+# REUSE_REFERENCES=1: take the full-cache answers from build/bench/parallel-references.json (written by every run)
+# when it holds every prompt of this run
+REUSE_REFERENCES = os.environ.get("REUSE_REFERENCES", "0") not in ("", "0")
 OUT = os.path.join(ROOT, "build", "bench")
 RESULT = os.environ.get("OUT_JSON") or (os.path.join(OUT, "bench-parallel-quick.json") if QUICK else os.path.join(
     ROOT, "results", "bench-parallel.json" if MODE == "resident" else "bench-parallel-concurrent.json"))
@@ -156,6 +161,16 @@ def batch_args():
 def reference_answers(insts):
     """Each instance alone on a fresh full-cache server (no policy, one slot, a cache that holds it): the answer
     every policy's answer is compared with."""
+    saved = os.path.join(OUT, "parallel-references.json")
+    if REUSE_REFERENCES and os.path.exists(saved):
+        # the answers of an earlier run on the same prompts (checked by hash), so a re-run of a few policies does
+        # not prefill every instance again; the JSON records that they were reused
+        by_hash = {r["prompt_sha256"]: r["answer"] for r in json.load(open(saved))}
+        if all(sha256(x["prompt"]) in by_hash for x in insts):
+            for x in insts:
+                x["full_cache_answer"] = by_hash[sha256(x["prompt"])]
+            print(f"parallel: full-cache answers reused from {os.path.relpath(saved, ROOT)}", flush=True)
+            return True
     ctx = max(x["tokens"] for x in insts) * 2 + 512
     log_path = os.path.join(OUT, "parallel-reference.log")
     srv, log, url, _ = start_server("none", 1, log_path, ctx=ctx, kvu=False)
@@ -167,6 +182,14 @@ def reference_answers(insts):
             print(f"parallel: full cache, seed {x['seed']} ({x['task']} {x['tokens']}): {x['full_cache_answer']!r}", flush=True)
     finally:
         stop_server(srv, log)
+    with open(saved, "w") as f:
+        json.dump([{"prompt_sha256": sha256(x["prompt"]), "seed": x["seed"], "answer": x["full_cache_answer"]}
+                   for x in insts if x["full_cache_answer"] is not None], f, indent=1)
+    return False
+
+
+def sha256(text):
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def start_server(policy, n, log_path, ctx=CTX, kvu=True):
@@ -392,7 +415,7 @@ if __name__ == "__main__":
            "policies": {}}
     INSTANCES = instances(max(NS))
     if MODE == "resident":
-        reference_answers(INSTANCES)
+        res["setup"]["full_cache_answers_reused"] = reference_answers(INSTANCES)
     res["full_cache_answers"] = [{"seed": x["seed"], "task": x["task"], "tokens": x["tokens"], "key": x["answer"],
                                   "answer": x.get("full_cache_answer")} for x in INSTANCES]
     for pol in POLICIES:
@@ -403,7 +426,8 @@ if __name__ == "__main__":
                f", first failure at {r['first_failing_n']}" if r["first_failing_n"] else " (time budget)"), flush=True)
     res["wall_s"] = round(time.time() - t0)
     res["load_avg_end"] = os.getloadavg()
-    res["command"] = " ".join(f"{v}={os.environ[v]}" for v in ("POLICIES", "NS", "MIX", "CTX", "BATCH", "UBATCH", "MODE")
+    res["command"] = " ".join(f"{v}={os.environ[v]}" for v in ("POLICIES", "NS", "BISECT", "MIX", "CTX", "BATCH", "UBATCH", "MODE",
+                                                           "REUSE_REFERENCES")
                               if v in os.environ) + " python3 scripts/bench-parallel.py"
     os.makedirs(os.path.dirname(RESULT), exist_ok=True)
     with open(RESULT, "w") as f:

@@ -162,3 +162,33 @@ fn run_case(out: &mut String, c: &Case, name: &str, p: &[&str], cap: usize) {
             .collect();
     }
 }
+
+/// llama.cpp hands over queries already multiplied by the attention's scale and says kq_scale = 1
+/// (patch 0014: gemma3 scales Q itself, so the library's 1/sqrt(head_dim) scaled it twice). Where
+/// the scale is a power of two (SmolLM2: 1/8) the products are the same bit for bit, so every
+/// policy must plan exactly as it did with unscaled queries and the default scale.
+#[test]
+fn prescaled_queries_plan_identically() {
+    for name in POLICY_NAMES {
+        for params in param_sets(name) {
+            let p: Vec<&str> = params.iter().map(String::as_str).collect();
+            for &(l, h, kv, d) in &[(2, 4, 2, 4), (2, 2, 1, 16)] {
+                let scale = 1.0 / (d as f32).sqrt();
+                let default = Shape::new(l, h, kv, d, 0.0).unwrap();
+                let given = Shape::new(l, h, kv, d, 1.0).unwrap();
+                for (pi, &pat) in PATTERNS.iter().enumerate() {
+                    for seed in 0..2u64 {
+                        let n = 8 + seed as usize * 13;
+                        let a = gen_case(default, n, 4, pat, seed * 17 + 5);
+                        let mut b = gen_case(given, n, 4, pat, seed * 17 + 5);
+                        b.q.iter_mut().for_each(|x| *x *= scale);
+                        let (mut pa, mut pb) = (String::new(), String::new());
+                        run_case(&mut pa, &a, name, &p, 0);
+                        run_case(&mut pb, &b, name, &p, 0);
+                        assert_eq!(pa, pb, "{name} {params:?} d={d} pat{pi} seed{seed}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -19,6 +19,15 @@
 //                        removed prompt tokens again (the logits at P and at the end to --kvc-logits) and print {"truncate": {"pos",
 //                        "ok", "cells_before", "cells_after", "refeed_token"}} instead of decoding; with
 //                        --kvc-state-roundtrip the sequence is saved, cleared and restored before the truncation
+//   --kvc-attn-check     (patched, -fa off, a policy that keeps every cell) after the prefill, recompute the last
+//                        token's attention in every layer the policy sees the way the library does (softmax of
+//                        kq_scale * q.k over the captured query and K read from the cache) and compare it with the
+//                        model's own softmax (the graph's kq_soft_max); prints {"attn_check": [{"il", "n_cells",
+//                        "kq_scale", "tv_mean", "tv_max", "tv_inv_sqrt_d", "nucleus80_model", "nucleus80_lib",
+//                        "nucleus80_inv_sqrt_d", "mass"}, ...]} (tv: total variation distance averaged / maximal over
+//                        the query heads; *_inv_sqrt_d: with 1/sqrt(head_dim) applied to the captured query instead;
+//                        nucleus80: fraction of the cells in the smallest set holding 80 % of the attention, head mean;
+//                        mass: the model's attention on the sequence's cells) instead of decoding
 //
 // A KV cache policy error (common_kv_policy_take_error) stops the run: exit status 3, the message on stderr.
 //
@@ -35,6 +44,8 @@
 
 #include <algorithm>
 #include <cinttypes>
+#include <cmath>
+#include <map>
 #include <clocale>
 #include <cstdio>
 #include <cstring>
@@ -76,6 +87,100 @@ static bool read_file(const std::string & path, std::string & out) {
     return true;
 }
 
+#ifdef KVC_RUN_PATCHED
+// the last ubatch's rows of the last token, per model layer: the model's attention probabilities and the captured query
+struct attn_capture {
+    std::map<int, std::vector<float>> probs;   // [n_head][n_kv]
+    std::map<int, int64_t>            n_kv;
+    std::map<int, std::vector<float>> q;       // [n_head*head_dim]
+    int64_t                           n_head = 0;
+};
+
+static bool attn_layer_of(const char * name, const char * prefix, int & il) {
+    const size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0) {
+        return false;
+    }
+    il = atoi(name + n);
+    return true;
+}
+
+static bool attn_capture_cb(struct ggml_tensor * t, bool ask, void * user) {
+    auto * cap = (attn_capture *) user;
+    int il = -1;
+    const bool is_p = attn_layer_of(t->name, "kq_soft_max-", il);
+    const bool is_q = !is_p && attn_layer_of(t->name, "kvp_q-", il);
+    if (ask) {
+        return is_p || is_q;
+    }
+    if ((!is_p && !is_q) || t->type != GGML_TYPE_F32) {
+        return true;
+    }
+    if (is_p) {
+        // [n_kv, n_tokens, n_head, n_stream]: the last token's row of every head (stream 0)
+        const int64_t n_kv = t->ne[0];
+        auto & dst = cap->probs[il];
+        dst.resize((size_t) n_kv*t->ne[2]);
+        for (int64_t h = 0; h < t->ne[2]; ++h) {
+            ggml_backend_tensor_get(t, dst.data() + h*n_kv, (t->ne[1] - 1)*t->nb[1] + h*t->nb[2], n_kv*sizeof(float));
+        }
+        cap->n_kv[il] = n_kv;
+        cap->n_head   = t->ne[2];
+    } else {
+        // [n_embd_q, n_rows]: the last captured row is the ubatch's last token
+        auto & dst = cap->q[il];
+        dst.resize((size_t) t->ne[0]);
+        ggml_backend_tensor_get(t, dst.data(), (t->ne[1] - 1)*t->nb[1], t->ne[0]*sizeof(float));
+    }
+    return true;
+}
+
+// total variation distance between the model's and a recomputed attention, and the 80 % nucleus sizes
+struct attn_cmp {
+    double tv = 0.0;
+    double nucleus_model = 0.0;
+    double nucleus_lib = 0.0;
+};
+
+static double nucleus80(std::vector<double> p) {
+    std::sort(p.begin(), p.end(), std::greater<double>());
+    double  acc = 0.0;
+    size_t  n   = 0;
+    while (n < p.size() && acc < 0.8) {
+        acc += p[n++];
+    }
+    return p.empty() ? 0.0 : (double) n/p.size();
+}
+
+static attn_cmp attn_compare(const float * p_model, const float * q, const float * k, int64_t n_cells, int64_t d,
+                             int64_t k_stride, double scale) {
+    std::vector<double> logit(n_cells), pm(n_cells);
+    double mx = -INFINITY;
+    for (int64_t j = 0; j < n_cells; ++j) {
+        double dot = 0.0;
+        for (int64_t c = 0; c < d; ++c) {
+            dot += (double) q[c]*k[j*k_stride + c];
+        }
+        logit[j] = scale*dot;
+        mx = std::max(mx, logit[j]);
+    }
+    double sum = 0.0;
+    for (auto & l : logit) {
+        l = exp(l - mx);
+        sum += l;
+    }
+    attn_cmp res;
+    for (int64_t j = 0; j < n_cells; ++j) {
+        logit[j] /= sum;
+        pm[j] = p_model[j];
+        res.tv += 0.5*fabs(logit[j] - pm[j]);
+    }
+    res.nucleus_model = nucleus80(pm);
+    res.nucleus_lib   = nucleus80(logit);
+    return res;
+}
+#endif
+
 struct seq_run {
     llama_seq_id             id;
     std::vector<llama_token> prompt;
@@ -94,6 +199,7 @@ int main(int argc, char ** argv) {
     bool        joint   = false;
     bool        roundtrip = false;
     int32_t     truncate_pos = -1;
+    bool        attn_check = false;
 
     std::vector<char *> args;
     for (int i = 0; i < argc; ++i) {
@@ -107,6 +213,8 @@ int main(int argc, char ** argv) {
             joint = true;
         } else if (strcmp(argv[i], "--kvc-state-roundtrip") == 0) {
             roundtrip = true;
+        } else if (strcmp(argv[i], "--kvc-attn-check") == 0) {
+            attn_check = true;
         } else if (i + 1 < argc && strcmp(argv[i], "--kvc-truncate") == 0) {
             truncate_pos = atoi(argv[++i]);
         } else {
@@ -129,6 +237,19 @@ int main(int argc, char ** argv) {
     if (!prompt2_path.empty() && params.n_parallel < 2) {
         params.n_parallel = 2;
     }
+
+#ifdef KVC_RUN_PATCHED
+    attn_capture cap;
+    if (attn_check) {
+        params.cb_eval           = attn_capture_cb;
+        params.cb_eval_user_data = &cap;
+    }
+#else
+    if (attn_check) {
+        LOG_ERR("%s: --kvc-attn-check needs the patched build\n", __func__);
+        return 1;
+    }
+#endif
 
     llama_backend_init();
     llama_numa_init(params.numa);
@@ -270,6 +391,67 @@ int main(int argc, char ** argv) {
         }
         seqs_saved = seqs;
     }
+
+#ifdef KVC_RUN_PATCHED
+    if (attn_check) {
+        // the cache was empty and one sequence was prefilled: cell j holds position j (checked through "mass")
+        const int32_t n_cells = llama_kv_policy_n_cells(ctx, 0);
+        if (n_cells != (int32_t) seqs[0].prompt.size() || cap.q.empty()) {
+            LOG_ERR("%s: --kvc-attn-check: %d cells for %zu prompt tokens, %zu captured layers (a policy that keeps every "
+                    "cell and captures queries, e.g. snapkv tokens=100000)\n", __func__, n_cells, seqs[0].prompt.size(), cap.q.size());
+            return 1;
+        }
+        const float kq_scale = common_kv_policy_kq_scale(ctx);
+        std::vector<uint32_t> cells(n_cells);
+        for (int32_t j = 0; j < n_cells; ++j) {
+            cells[j] = j;
+        }
+        const int64_t n_head_kv = llama_model_n_head_kv(model);
+        std::string out = "{\"attn_check\": [";
+        int32_t l = 0; // the policy's layers are the captured ones, in model order
+        for (const auto & [il, q] : cap.q) {
+            if (!cap.probs.count(il)) {
+                LOG_ERR("%s: --kvc-attn-check: no kq_soft_max for layer %d (use -fa off)\n", __func__, il);
+                return 1;
+            }
+            const int64_t n_head = cap.n_head;
+            const int64_t d      = (int64_t) q.size()/n_head;
+            const int64_t n_kv   = cap.n_kv[il];
+            std::vector<float> k((size_t) n_cells*n_head_kv*d);
+            if (n_kv < n_cells || llama_kv_policy_read_k(ctx, 0, l, cells.data(), n_cells, k.data()) != 0) {
+                LOG_ERR("%s: --kvc-attn-check: cannot read K of layer %d\n", __func__, il);
+                return 1;
+            }
+            const double scale = kq_scale == 0.0f ? 1.0/sqrt((double) d) : kq_scale;
+            double tv = 0.0, tv_max = 0.0, tv_d = 0.0, nm = 0.0, nl = 0.0, nd = 0.0, mass = 0.0;
+            for (int64_t h = 0; h < n_head; ++h) {
+                const float * pm = cap.probs[il].data() + h*n_kv;
+                const float * qh = q.data() + h*d;
+                const float * kg = k.data() + (h/(n_head/n_head_kv))*d;
+                const attn_cmp a = attn_compare(pm, qh, kg, n_cells, d, n_head_kv*d, scale);
+                const attn_cmp b = attn_compare(pm, qh, kg, n_cells, d, n_head_kv*d, 1.0/sqrt((double) d));
+                tv += a.tv/n_head;
+                tv_max = std::max(tv_max, a.tv);
+                tv_d += b.tv/n_head;
+                nm += a.nucleus_model/n_head;
+                nl += a.nucleus_lib/n_head;
+                nd += b.nucleus_lib/n_head;
+                for (int32_t j = 0; j < n_cells; ++j) {
+                    mass += pm[j]/n_head;
+                }
+            }
+            char buf[512];
+            snprintf(buf, sizeof(buf), "%s{\"il\": %d, \"n_cells\": %d, \"kq_scale\": %g, \"tv_mean\": %.6f, \"tv_max\": %.6f, "
+                     "\"tv_inv_sqrt_d\": %.6f, \"nucleus80_model\": %.4f, \"nucleus80_lib\": %.4f, \"nucleus80_inv_sqrt_d\": %.4f, "
+                     "\"mass\": %.6f}", l ? ", " : "", il, n_cells, kq_scale, tv, tv_max, tv_d, nm, nl, nd, mass);
+            out += buf;
+            ++l;
+        }
+        printf("%s]}\n", out.c_str());
+        fflush(stdout);
+        return 0;
+    }
+#endif
 
     if (truncate_pos >= 0) {
         llama_memory_t mem = llama_get_memory(ctx);
