@@ -172,9 +172,10 @@ const DEFAULT_GRANULARITY: &str = "token";
 /// the plan's cost grows with rows x cells.
 const CONTEXT_QUERY_CAP: usize = 1024;
 
-/// Most reconstruction query rows `ranker=recon` reads at a prompt's end (the same bound as the
-/// spread rows, so the plan costs what `ranker=context`'s does).
-const RECON_QUERY_CAP: usize = 1024;
+/// Most reconstruction query rows `ranker=recon` reads at a prompt's end (a 2K context at the
+/// default `recon_stride=4`). With a partial pass (`recon` < 1) the plan reads the spread rows too:
+/// 512 + 1024 + `window` rows stay within the library's default bound (2048 units per plan).
+const RECON_QUERY_CAP: usize = 512;
 
 /// When a sequence gives up cells (common parameter `evict`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,7 +466,7 @@ pub const PRESETS: [Preset; 11] = [
                 "recon_stride",
                 "4",
                 Range::Int { min: 1, max: 4096 },
-                "ranker=recon: one reconstruction query every `recon_stride` tokens is read (at most 1024, thinned by halves beyond)",
+                "ranker=recon: one reconstruction query every `recon_stride` tokens is read (at most 512, thinned by halves beyond)",
             ),
         ],
         build: |v, w| {
@@ -1149,6 +1150,19 @@ mod tests {
             .check_cost(&limit)
             .unwrap();
         assert!(ctx.per_plan > cost("dbudget", &[]).per_plan, "{ctx:?}");
+        // the reconstruction ranker: a full pass reads its rows (at most 512) and the newest window,
+        // as bounded as the spread rows; a partial one reads the spread rows too, still within the
+        // default bounds (the pass itself is at most one more prefill of the request's prompt)
+        let full = Policy::parse("dbudget", &["ranker=recon"])
+            .unwrap()
+            .check_cost(&limit)
+            .unwrap();
+        assert_eq!(full.per_plan, ctx.per_plan);
+        let part = Policy::parse("dbudget", &["ranker=recon", "recon=0.25"])
+            .unwrap()
+            .check_cost(&limit)
+            .unwrap();
+        assert_eq!(part.per_plan, (512 + 1024 + 8) as f32 + 27.0, "{part:?}");
         assert_eq!(cost("streaming", &[]).per_plan, 1.0);
         // H2O reads every row since its last run: the interval's rows at a decode step
         let h = cost("h2o", &["interval=4"]);
