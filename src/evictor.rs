@@ -387,22 +387,20 @@ impl Evictor {
         let policy = &self.policy;
         let prot = select::protected(s.pos, policy.sinks, policy.window);
         // a reconstruction pass ran: its rows (which see the whole context) and the newest window.
-        // A partial pass (`recon` < 1) reads the spread rows too: the cells of the chunks it did
-        // not reconstruct would otherwise get only the attention other chunks' copies pay them,
-        // and go first (SmolLM2 lost 2 of 3 needles with recon=0.25, results/README)
-        let queries: Vec<&QueryRow> = match scorer.recon() {
-            Some(r) if !st.recon.is_empty() => {
-                let newest = if r.fraction < 1.0 {
-                    st.ring.len()
-                } else {
-                    policy.window
-                };
-                st.recon
-                    .iter()
-                    .chain(st.ring.iter().skip(st.ring.len().saturating_sub(newest)))
-                    .collect()
-            }
-            _ => select_queries(st, scorer.queries()),
+        // (A partial pass that also read the spread rows, so that the chunks it leaves out are
+        // scored by the context's own queries, did worse: SmolLM2 needle-single 0/3 identical at
+        // recon=0.25 against 1/3 without, results/README.)
+        let queries: Vec<&QueryRow> = if scorer.recon().is_some() && !st.recon.is_empty() {
+            st.recon
+                .iter()
+                .chain(
+                    st.ring
+                        .iter()
+                        .skip(st.ring.len().saturating_sub(policy.window)),
+                )
+                .collect()
+        } else {
+            select_queries(st, scorer.queries())
         };
         let carry: Option<Vec<Vec<f32>>> = if scorer.carries() {
             st.carry.as_ref().map(|c| c.realign(s.pos))

@@ -110,17 +110,10 @@ impl Scorer for ContextAttention {
     fn recon(&self) -> Option<Recon> {
         self.recon
     }
-    /// A plan reads the spread rows, or the reconstruction rows with the newest window (a full
-    /// pass) or with the spread rows (a partial one), whichever bound is larger.
+    /// A plan reads either the spread rows or the reconstruction rows (with the newest window),
+    /// whichever bound is larger.
     fn cost_units(&self, rows: usize) -> f32 {
-        let recon = self.recon.map_or(0, |r| {
-            r.cap
-                + if r.fraction < 1.0 {
-                    rows.max(self.window)
-                } else {
-                    self.window
-                }
-        });
+        let recon = self.recon.map_or(0, |r| r.cap + self.window);
         rows.max(recon) as f32
     }
 }
