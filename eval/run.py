@@ -184,8 +184,10 @@ def fidelity_text(tokens, cont, seed):
 def shares_prefix(s):
     """kvc-eval prefills a prompt's head once per instance and restores it for every setting (the
     same cells and tail queries, tested bitwise in tests/llama/test_eval.py); h2o's query ring and
-    dbudget ranker=context's query sample span prefill calls, so they prefill their own head."""
-    return s["policy"] != "h2o" and "ranker=context" not in s["params"]
+    dbudget ranker=context's query sample span prefill calls, so they prefill their own head; so does
+    ranker=recon, whose reconstruction pass teacher-forces the tokens the hook saw decoded (a restored
+    head's are unknown to it)."""
+    return s["policy"] != "h2o" and "ranker=context" not in s["params"] and "ranker=recon" not in s["params"]
 
 
 def build_groups(cfg):

@@ -249,6 +249,8 @@ pub const KEYS: &[&str] = &[
     "seed",
     "stride",
     "evict",
+    "recon",
+    "recon_stride",
 ];
 const VALUES: &[&str] = &[
     "0",
@@ -392,13 +394,15 @@ pub const VALID: &[(&str, &[&str])] = &[
     ("alpha", &["0", "0.2", "1"]),
     ("layers", &["uniform", "pyramid"]),
     ("threshold", &["0.0001", "0.01", "0.5", "0.9999"]),
-    ("ranker", &["window", "position", "context"]),
+    ("ranker", &["window", "position", "context", "recon"]),
     ("p", &["0.01", "0.5", "0.95", "1"]),
     ("samples", &["0", "1", "8", "1024"]),
     ("quorum", &["0", "0.35", "1"]),
     ("seed", &["0", "1", "18446744073709551615"]),
     ("stride", &["1", "16", "4096"]),
     ("evict", &["prompt", "pressure"]),
+    ("recon", &["0.0001", "0.5", "1"]),
+    ("recon_stride", &["1", "4", "4096"]),
 ];
 
 /// Policy name and overrides, owned, plus the pointer arrays C would pass.
@@ -613,6 +617,46 @@ impl Driver<'_> {
         let st = unsafe { kvc_evictor_push_queries(self.ev, seq_id, n_q as u32, qp, qq) };
         check_status("push_queries", st);
         self.last_error_check(st, "push_queries");
+    }
+
+    /// The reconstruction pass the policy asks for, and sometimes its rows (the engine hands them
+    /// over before the plan of a prompt's end; a lie now and then: NULL rows, a non-finite value).
+    fn recon(&mut self) {
+        let (mut fraction, mut stride) = (-1.0f32, 0u32);
+        let st = unsafe { kvc_evictor_recon(self.ev, &mut fraction, &mut stride) };
+        check_status("recon", st);
+        assert_eq!(st, KVC_STATUS_OK, "recon");
+        assert!(
+            (0.0..=1.0).contains(&fraction) && stride >= 1,
+            "recon {fraction} {stride}"
+        );
+        if !self.b.chance(2) {
+            return;
+        }
+        let (_, seq_id) = self.pick_seq();
+        let p = self.p;
+        let row = (p.n_head as usize) * (p.head_dim as usize);
+        let n_q = if self.large() {
+            0
+        } else {
+            self.b.below(MAX_Q + 1)
+        };
+        let mut data = Data::new(&mut self.b);
+        let mut q: Vec<f32> = (0..p.n_layer as usize * n_q * row)
+            .map(|_| data.next())
+            .collect();
+        if self.b.chance(16) && !q.is_empty() {
+            let i = self.b.below(q.len());
+            q[i] = self.b.f32();
+        }
+        let qq = if n_q > 0 && self.b.chance(16) {
+            ptr::null()
+        } else {
+            q.as_ptr()
+        };
+        let st = unsafe { kvc_evictor_push_recon(self.ev, seq_id, n_q as u32, qq) };
+        check_status("push_recon", st);
+        self.last_error_check(st, "push_recon");
     }
 
     /// A view of a sequence: usually what the engine holds after new tokens, sometimes a lie.
@@ -1278,6 +1322,7 @@ impl Driver<'_> {
                 _ => {
                     let w = unsafe { kvc_evictor_q_window(self.ev) };
                     assert!(w < 1 << 20, "q_window = {w}");
+                    self.recon();
                 }
             }
         }
@@ -1305,6 +1350,8 @@ fn handle_free_calls(b: &mut Bytes) {
         let mut n_evict = 0usize;
         for st in [
             kvc_evictor_push_queries(null, 0, 0, ptr::null(), ptr::null()),
+            kvc_evictor_push_recon(null, 0, 0, ptr::null()),
+            kvc_evictor_recon(null, ptr::null_mut(), ptr::null_mut()),
             kvc_evictor_due(null, ptr::null(), &mut due),
             kvc_evictor_plan(
                 null,

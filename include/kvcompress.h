@@ -26,7 +26,7 @@
  Version of the C ABI; bumped whenever a struct or a signature changes. Callers compare
  `KVC_ABI_VERSION` (compile time) with `kvc_abi_version()` (run time).
  */
-#define KVC_ABI_VERSION 2
+#define KVC_ABI_VERSION 3
 
 /*
  `kvc_seq_view.flags`: the decode call that just ran produced logits for the sequence. With
@@ -428,6 +428,30 @@ kvc_status kvc_evictor_push_queries(struct kvc_evictor *ev,
                                     uint32_t n_q,
                                     const int32_t *q_pos,
                                     const float *q);
+
+/*
+ The reconstruction pass the policy wants after a prompt's end (`dbudget ranker=recon`, KVzip):
+ `*fraction` of the context's chunks to teacher-force after a "repeat the previous context"
+ prompt on the same sequence (0 = no pass), and one row in `*stride` of those positions to hand
+ over with [`kvc_evictor_push_recon`].
+
+ # Safety
+ `ev` is NULL or a live handle; `fraction` and `stride` writable.
+ */
+kvc_status kvc_evictor_recon(struct kvc_evictor *ev, float *fraction, uint32_t *stride);
+
+/*
+ After a reconstruction pass on a sequence (see [`kvc_evictor_recon`]): its query rows, `q` laid
+ out `[n_layer][n_q][n_head * head_dim]` f32 like [`kvc_evictor_push_queries`]'s. The sequence's
+ next plan reads them instead of its spread rows, then drops them.
+
+ # Safety
+ `q` holds `n_layer*n_q*n_head*head_dim` floats (NULL if `n_q == 0`).
+ */
+kvc_status kvc_evictor_push_recon(struct kvc_evictor *ev,
+                                  int32_t seq_id,
+                                  uint32_t n_q,
+                                  const float *q);
 
 /*
  Whether the policy wants to run now (end of a prompt, over `max_cells`, or the decode

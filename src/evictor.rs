@@ -5,7 +5,7 @@ use crate::backend::{self, Backend, Parallelism, UnitsIn};
 use crate::budget::DecideCtx;
 use crate::error::{shape_err, Error, Result};
 use crate::policy::{Evict, Policy};
-use crate::score::{QuerySel, ScoreGrid, Scorer};
+use crate::score::{QuerySel, Recon, ScoreGrid, Scorer};
 use crate::select::{self, SelectIn, Selection};
 use crate::state::{Carry, LastPlan, QueryRow, SeqState};
 use crate::view::{Keys, Shape};
@@ -134,6 +134,68 @@ impl Evictor {
             // over the whole prompt whatever the engine's -b/-ub
             Some(QuerySel::Spread { .. }) => SPREAD_CAPTURE,
         }
+    }
+
+    /// The reconstruction pass the engine should run at a prompt's end (`ranker=recon`), or
+    /// `None`. Not with `evict=pressure`: its prompt end plans nothing, so the pass would be
+    /// paid for nothing.
+    pub fn recon(&self) -> Option<Recon> {
+        if self.policy.evict == Evict::Pressure {
+            return None;
+        }
+        self.policy.scorer.as_ref().and_then(|s| s.recon())
+    }
+
+    /// Hand over the query rows of a reconstruction pass of a sequence: `q` is
+    /// `[n_layer][n_q][n_head*head_dim]`, rows of positions after the sequence's end that
+    /// attended to every cell it holds. The next plan of the sequence reads them (and the newest
+    /// `window` rows) instead of the spread rows, then drops them. Beyond the scorer's cap every
+    /// other row is dropped, so the sample stays even. Ignored when the policy asks for no pass.
+    pub fn push_recon(&mut self, seq_id: i32, n_q: usize, q: &[f32]) -> Result<()> {
+        let row = self.shape.q_row_len();
+        let need = self.shape.n_layer * n_q * row;
+        if q.len() != need {
+            return Err(shape_err(format!(
+                "reconstruction queries: {} floats, expected n_layer*n_q*n_head*head_dim = {}*{}*{} = {need}",
+                q.len(),
+                self.shape.n_layer,
+                n_q,
+                row
+            )));
+        }
+        if let Some(bad) = q.iter().position(|v| !v.is_finite()) {
+            let layer = bad / (n_q * row).max(1);
+            let r = (bad % (n_q * row).max(1)) / row;
+            return Err(Error::NonFinite {
+                what: "reconstruction queries",
+                layer,
+                row: r,
+            });
+        }
+        let Some(recon) = self.recon() else {
+            return Ok(());
+        };
+        let st = self.seqs.entry(seq_id).or_default();
+        for i in 0..n_q {
+            let mut data = Vec::with_capacity(self.shape.n_layer * row);
+            for l in 0..self.shape.n_layer {
+                let off = (l * n_q + i) * row;
+                data.extend_from_slice(&q[off..off + row]);
+            }
+            // after the sequence's end: every cell is visible to it
+            st.recon.push(QueryRow {
+                pos: i32::MAX,
+                data: data.into_boxed_slice(),
+            });
+        }
+        while st.recon.len() > recon.cap.max(1) {
+            let mut k = 0;
+            st.recon.retain(|_| {
+                k += 1;
+                k % 2 == 1
+            });
+        }
+        Ok(())
     }
 
     /// Query rows remembered per sequence. Scorers that read the newest rows need just those;
@@ -324,7 +386,22 @@ impl Evictor {
         let n_seen = s.n_seen();
         let policy = &self.policy;
         let prot = select::protected(s.pos, policy.sinks, policy.window);
-        let queries = select_queries(st, scorer.queries());
+        // a reconstruction pass ran: its rows (which see the whole context) and the newest window.
+        // (A partial pass that also read the spread rows, so that the chunks it leaves out are
+        // scored by the context's own queries, did worse: SmolLM2 needle-single 0/3 identical at
+        // recon=0.25 against 1/3 without, results/README.)
+        let queries: Vec<&QueryRow> = if scorer.recon().is_some() && !st.recon.is_empty() {
+            st.recon
+                .iter()
+                .chain(
+                    st.ring
+                        .iter()
+                        .skip(st.ring.len().saturating_sub(policy.window)),
+                )
+                .collect()
+        } else {
+            select_queries(st, scorer.queries())
+        };
         let carry: Option<Vec<Vec<f32>>> = if scorer.carries() {
             st.carry.as_ref().map(|c| c.realign(s.pos))
         } else {
@@ -413,6 +490,8 @@ impl Evictor {
             sel,
             n_seen,
         );
+        // a reconstruction judges the context it was run on, once
+        st.recon.clear();
         if !capacity_only {
             st.seen_at_last_verdict = n_seen as i64;
         }

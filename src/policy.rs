@@ -13,7 +13,7 @@ use crate::budget::{
 use crate::error::{Error, Result};
 use crate::score::{
     Accumulated, ContextAttention, GVote, GqaReduce, KeyNorm, Position, PositionWithQueries,
-    QuerySel, Scorer, WindowAttention,
+    QuerySel, Recon, Scorer, WindowAttention,
 };
 use std::collections::BTreeMap;
 
@@ -171,6 +171,11 @@ const DEFAULT_GRANULARITY: &str = "token";
 /// `n_layer * n_head * head_dim` floats (69 KiB for SmolLM2-135M, 512 KiB for an 8B model), and
 /// the plan's cost grows with rows x cells.
 const CONTEXT_QUERY_CAP: usize = 1024;
+
+/// Most reconstruction query rows `ranker=recon` reads at a prompt's end (a 2K context at the
+/// default `recon_stride=4`; fewer than the spread rows' 1024, so the plan is bounded like
+/// `ranker=context`'s).
+const RECON_QUERY_CAP: usize = 512;
 
 /// When a sequence gives up cells (common parameter `evict`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,8 +445,8 @@ pub const PRESETS: [Preset; 11] = [
             p(
                 "ranker",
                 "window",
-                Range::Choice(&["window", "position", "context"]),
-                "window (attention of the newest queries) | position (oldest first) | context (question-agnostic: the largest attention from queries spread over the whole sequence, which the norm rule then guards too)",
+                Range::Choice(&["window", "position", "context", "recon"]),
+                "window (attention of the newest queries) | position (oldest first) | context (question-agnostic: the largest attention from queries spread over the whole sequence, which the norm rule then guards too) | recon (question-agnostic, KVzip: at a prompt's end, the largest attention from the queries of a teacher-forced reconstruction of the context, run by the engine after the sequence's end; costs `recon` of an extra prefill)",
             ),
             p("pool", "7", POOL, "max-pooling kernel of the window ranking along the sequence (odd; 1 = none): a needle's neighbours share its rank, so numbers and names survive whole"),
             GQA,
@@ -451,17 +456,39 @@ pub const PRESETS: [Preset; 11] = [
                 Range::Int { min: 1, max: 4096 },
                 "ranker=context: one query every `stride` positions is read (at most 1024 per sequence, thinned by halves beyond)",
             ),
+            p(
+                "recon",
+                "1",
+                num(0.0, true, 1.0, false),
+                "ranker=recon: fraction of the context's chunks reconstructed, evenly spread (1 = all: about one extra prefill)",
+            ),
+            p(
+                "recon_stride",
+                "4",
+                Range::Int { min: 1, max: 4096 },
+                "ranker=recon: one reconstruction query every `recon_stride` tokens is read (at most 512, thinned by halves beyond)",
+            ),
         ],
         build: |v, w| {
-            let (scorer, evidence): (Box<dyn Scorer>, Evidence) = match v.choice("ranker")? {
+            let ranker = v.choice("ranker")?;
+            let (scorer, evidence): (Box<dyn Scorer>, Evidence) = match ranker {
                 "position" => (Box::new(PositionWithQueries { window: w }), Evidence::Newest),
-                "context" => (
+                "context" | "recon" => (
                     Box::new(ContextAttention {
                         stride: v.usize("stride")?,
                         window: w,
                         cap: CONTEXT_QUERY_CAP,
                         kernel: v.odd("pool")?,
                         gqa: v.gqa()?,
+                        recon: if ranker == "recon" {
+                            Some(Recon {
+                                fraction: v.f32("recon")?,
+                                stride: v.usize("recon_stride")?,
+                                cap: RECON_QUERY_CAP,
+                            })
+                        } else {
+                            None
+                        },
                     }),
                     Evidence::MaxOverQueries,
                 ),
@@ -1123,6 +1150,14 @@ mod tests {
             .check_cost(&limit)
             .unwrap();
         assert!(ctx.per_plan > cost("dbudget", &[]).per_plan, "{ctx:?}");
+        // the reconstruction ranker reads its rows (at most 512) and the newest window, or the
+        // spread rows at later plans: as bounded as ranker=context (the pass itself is at most one
+        // more prefill of the request's own prompt)
+        let rec = Policy::parse("dbudget", &["ranker=recon", "recon=0.25"])
+            .unwrap()
+            .check_cost(&limit)
+            .unwrap();
+        assert_eq!(rec.per_plan, ctx.per_plan, "{rec:?}");
         assert_eq!(cost("streaming", &[]).per_plan, 1.0);
         // H2O reads every row since its last run: the interval's rows at a decode step
         let h = cost("h2o", &["interval=4"]);

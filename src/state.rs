@@ -89,6 +89,9 @@ pub struct SeqState {
     /// the newest tokens were a prompt chunk without logits: the prompt goes on, its question
     /// is not known yet, so a request for room (`SeqInput::room`) does not run the verdict on it
     pub mid_prompt: bool,
+    /// query rows of the engine's reconstruction pass after the prompt's end (`ranker=recon`),
+    /// read by the next plan only, then dropped
+    pub recon: Vec<QueryRow>,
 }
 
 impl Default for SeqState {
@@ -103,6 +106,7 @@ impl Default for SeqState {
             last: None,
             interval_run: false,
             mid_prompt: false,
+            recon: Vec::new(),
         }
     }
 }

@@ -25,7 +25,7 @@ use std::ffi::{c_char, CString};
 
 /// Version of the C ABI; bumped whenever a struct or a signature changes. Callers compare
 /// `KVC_ABI_VERSION` (compile time) with `kvc_abi_version()` (run time).
-pub const KVC_ABI_VERSION: u32 = 2;
+pub const KVC_ABI_VERSION: u32 = 3;
 
 /// Status of a call: `KVC_STATUS_OK` (0) or one of the `KVC_STATUS_*` errors.
 pub type kvc_status = u32;
@@ -452,6 +452,56 @@ pub unsafe extern "C" fn kvc_evictor_push_queries(
             .ok_or_else(|| Error::InvalidShape(format!("n_q={n_q} is too large")))?;
         let q = slice(q, n_f, "q")?;
         h.inner.push_queries(seq_id, q_pos, q)
+    })
+}
+
+/// The reconstruction pass the policy wants after a prompt's end (`dbudget ranker=recon`, KVzip):
+/// `*fraction` of the context's chunks to teacher-force after a "repeat the previous context"
+/// prompt on the same sequence (0 = no pass), and one row in `*stride` of those positions to hand
+/// over with [`kvc_evictor_push_recon`].
+///
+/// # Safety
+/// `ev` is NULL or a live handle; `fraction` and `stride` writable.
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_recon(
+    ev: *mut kvc_evictor,
+    fraction: *mut f32,
+    stride: *mut u32,
+) -> kvc_status {
+    with_evictor(ev, |h| {
+        if fraction.is_null() || stride.is_null() {
+            return Err(Error::NullArgument("fraction/stride"));
+        }
+        let r = h.inner.recon();
+        *fraction = r.map_or(0.0, |r| r.fraction);
+        *stride = r.map_or(1, |r| r.stride as u32);
+        Ok(())
+    })
+}
+
+/// After a reconstruction pass on a sequence (see [`kvc_evictor_recon`]): its query rows, `q` laid
+/// out `[n_layer][n_q][n_head * head_dim]` f32 like [`kvc_evictor_push_queries`]'s. The sequence's
+/// next plan reads them instead of its spread rows, then drops them.
+///
+/// # Safety
+/// `q` holds `n_layer*n_q*n_head*head_dim` floats (NULL if `n_q == 0`).
+#[no_mangle]
+pub unsafe extern "C" fn kvc_evictor_push_recon(
+    ev: *mut kvc_evictor,
+    seq_id: i32,
+    n_q: u32,
+    q: *const f32,
+) -> kvc_status {
+    with_evictor(ev, |h| {
+        let n_q = n_q as usize;
+        let shape = *h.inner.shape();
+        let n_f = shape
+            .n_layer
+            .checked_mul(n_q)
+            .and_then(|x| x.checked_mul(shape.q_row_len()))
+            .ok_or_else(|| Error::InvalidShape(format!("n_q={n_q} is too large")))?;
+        let q = slice(q, n_f, "q")?;
+        h.inner.push_recon(seq_id, n_q, q)
     })
 }
 

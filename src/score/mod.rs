@@ -97,6 +97,22 @@ pub enum QuerySel {
     },
 }
 
+/// A reconstruction pass a scorer asks the engine for (KVzip, arXiv 2505.23416): after a prompt's
+/// end, the engine teacher-forces "repeat the previous context" followed by the context's own
+/// tokens, in chunks, on the same sequence after its end, hands the query rows of those positions
+/// over (`Evictor::push_recon`) and frees the scratch cells; the next plan reads those rows, which
+/// attend to the whole context, instead of the context's own causal ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recon {
+    /// fraction of the context's chunks reconstructed (0..1]: a sample, evenly spread, costs that
+    /// fraction of an extra prefill
+    pub fraction: f32,
+    /// one reconstruction query row in `stride` is handed over
+    pub stride: usize,
+    /// most reconstruction rows read by one plan (thinned by halves beyond)
+    pub cap: usize,
+}
+
 /// Everything one (layer, KV head) unit sees.
 pub struct UnitCtx<'a> {
     /// model geometry
@@ -210,6 +226,10 @@ pub trait Scorer: Send + Sync {
     /// default) runs the CPU arithmetic on keys gathered by the device.
     fn device(&self) -> DeviceScore {
         DeviceScore::Host
+    }
+    /// The reconstruction pass this scorer wants at a prompt's end (none by default).
+    fn recon(&self) -> Option<Recon> {
+        None
     }
     /// Scoring work of one plan that reads `rows` query rows, in cost units (one query row of
     /// every query head against every held key; `policy::Cost`). The default: each row read is

@@ -1,6 +1,6 @@
 //! Scorers built on the attention the newest queries pay to each cell.
 
-use super::{DeviceScore, GqaReduce, QuerySel, Scorer, UnitCtx};
+use super::{DeviceScore, GqaReduce, QuerySel, Recon, Scorer, UnitCtx};
 use crate::kernels;
 
 /// Attention mass from the last `window` queries, averaged over those rows, reduced over the
@@ -90,6 +90,9 @@ pub struct ContextAttention {
     pub kernel: usize,
     /// group reduction
     pub gqa: GqaReduce,
+    /// `ranker=recon`: at a prompt's end, read the rows of a reconstruction pass (and the newest
+    /// `window`) instead of the spread rows; the other plans read the spread rows
+    pub recon: Option<Recon>,
 }
 
 impl Scorer for ContextAttention {
@@ -103,5 +106,14 @@ impl Scorer for ContextAttention {
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
         let s = self.gqa.fold(&u.received_max(u.queries));
         kernels::pool1d(&s, self.kernel, true)
+    }
+    fn recon(&self) -> Option<Recon> {
+        self.recon
+    }
+    /// A plan reads either the spread rows or the reconstruction rows (with the newest window),
+    /// whichever bound is larger.
+    fn cost_units(&self, rows: usize) -> f32 {
+        let recon = self.recon.map_or(0, |r| r.cap + self.window);
+        rows.max(recon) as f32
     }
 }

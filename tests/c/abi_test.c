@@ -692,6 +692,49 @@ static void test_plan_policy(const char *policy, const char *const *kv, size_t n
     }
 }
 
+/* ranker=recon: the pass the engine is asked for, its rows handed over before the prompt end's plan */
+static void test_recon(void) {
+    const char *ctx[] = {"ranker=context"};
+    const char *rec[] = {"ranker=recon", "recon=0.5", "recon_stride=2"};
+    const char *rec_p[] = {"ranker=recon", "evict=pressure"};
+    float fraction = -1.0f;
+    uint32_t stride = 0;
+    float *bad = malloc(sizeof q_buf);
+    kvc_evictor *ev = make("dbudget", ctx, 1);
+    kvc_seq_view s = seq_view(3, layers_for(KVC_DTYPE_F32));
+    plan_out o;
+    bool due = false;
+
+    CHECK_ST(kvc_evictor_recon(ev, &fraction, &stride), KVC_STATUS_OK);
+    CHECK(fraction == 0.0f && stride == 1, "ranker=context asks for a pass: %g %u", fraction, stride);
+    kvc_evictor_free(ev);
+
+    ev = make("dbudget", rec_p, 2);
+    CHECK_ST(kvc_evictor_recon(ev, &fraction, &stride), KVC_STATUS_OK);
+    CHECK(fraction == 0.0f, "evict=pressure asks for a pass: %g", fraction);
+    kvc_evictor_free(ev);
+
+    ev = make("dbudget", rec, 3);
+    CHECK_ST(kvc_evictor_recon(ev, &fraction, &stride), KVC_STATUS_OK);
+    CHECK(fraction == 0.5f && stride == 2, "ranker=recon: %g %u", fraction, stride);
+    CHECK_ST(kvc_evictor_recon(ev, NULL, &stride), KVC_STATUS_NULL_ARGUMENT);
+    CHECK_ST(kvc_evictor_push_recon(ev, 3, N_Q, NULL), KVC_STATUS_NULL_ARGUMENT);
+    memcpy(bad, q_buf, sizeof q_buf);
+    bad[Q_ROW * N_Q + 5] = (float)NAN;
+    CHECK_ST(kvc_evictor_push_recon(ev, 3, N_Q, bad), KVC_STATUS_NON_FINITE_INPUT);
+    CHECK(contains(kvc_evictor_last_error(ev), "reconstruction"), "last_error: %s", kvc_evictor_last_error(ev));
+    CHECK_ST(kvc_evictor_push_queries(ev, 3, N_Q, q_pos, q_buf), KVC_STATUS_OK);
+    CHECK_ST(kvc_evictor_push_recon(ev, 3, N_Q, q_buf), KVC_STATUS_OK);
+    CHECK_ST(kvc_evictor_due(ev, &s, &due), KVC_STATUS_OK);
+    CHECK(due, "recon: prompt end not due");
+    CHECK_ST(run_plan(ev, &s, &o), KVC_STATUS_OK);
+    check_plan("dbudget ranker=recon", &o);
+    CHECK_ST(kvc_evictor_recon(NULL, &fraction, &stride), KVC_STATUS_NULL_ARGUMENT);
+    CHECK_ST(kvc_evictor_push_recon(NULL, 3, N_Q, q_buf), KVC_STATUS_NULL_ARGUMENT);
+    kvc_evictor_free(ev);
+    free(bad);
+}
+
 static void test_plan_errors(void) {
     kvc_evictor *ev = make("snapkv", NULL, 0);
     kvc_seq_view good = seq_view(3, layers_for(KVC_DTYPE_F32));
@@ -1084,6 +1127,7 @@ int main(void) {
         test_plan_policy("tova", NULL, 0, 1);
         test_plan_policy("knorm", NULL, 0, 1);
     }
+    test_recon();
     test_plan_errors();
     test_failed_plan_leaves_no_state();
     test_keep_mask_head_granularity();
