@@ -419,6 +419,21 @@ def benchmarks(res):
             lines.append(f"| `{pol}` | {r['ctx']} | {r['cells_held']} | {r['decode_tok_s'] or 0:.1f} | "
                          f"{r.get('decode_tok_s_ratio_vs_none', float('nan')):.3f} | {r.get('same_answer_as_none')} |")
         lines.append("")
+    dec = load_json(res / "bench-decode.json")
+    if dec and "decode_at_depth" in dec:
+        dd = dec["decode_at_depth"]
+        lines += [f"Decode speed at {dd['tokens_target']}-token depth with `-c` sized to each policy's emergent budget "
+                  f"(`{dec.get('command', 'scripts/bench-capacity.py')}`: {dd['reps']} interleaved repetitions, "
+                  f"{dd['n_predict']} tokens, `-t {dec['threads']}`, medians; load average "
+                  f"{', '.join(f'{x:.1f}' for x in dec['load_avg_start'])} at the start, per run in the JSON):", "",
+                  "| policy | -c | cells held | median tok/s | ratio of medians | median per-rep ratio | answers = none | key |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for pol, r in dd["summary"].items():
+            fmt = lambda x, f: f.format(x) if x is not None else "–"  # noqa: E731
+            lines.append(f"| `{pol}` | {r['ctx']} | {r['cells_held']} | {fmt(r['decode_tok_s_median'], '{:.2f}')} | "
+                         f"{fmt(r['ratio_of_medians_vs_none'], '{:.2f}')} | {fmt(r['median_per_rep_ratio_vs_none'], '{:.2f}')} | "
+                         f"{r['answers_equal_none']} | {r['answer_has_key']} |")
+        lines.append("")
     if par:
         lines += parallel_lines(par)
     if plan:
