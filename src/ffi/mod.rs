@@ -347,9 +347,7 @@ pub unsafe extern "C" fn kvc_evictor_init(
                 p.kq_scale,
             )?;
             let backend = Backend::from_code(p.backend)?;
-            let name = c_str(policy, "policy")?;
-            let overrides = c_str_array(kv, n_kv, "kv")?;
-            let policy = Policy::parse(name, &overrides)?;
+            let policy = parse_policy(policy, kv, n_kv)?;
             policy.check_cost(&cost_limit(&p)?)?;
             let inner = Evictor::new(
                 shape,
@@ -734,13 +732,24 @@ pub unsafe extern "C" fn kvc_policy_check(
     guard(
         |e| write_msg(err, err_len, &e.c_message()),
         || {
-            let name = c_str(policy, "policy")?;
-            let overrides = c_str_array(kv, n_kv, "kv")?;
-            Policy::parse(name, &overrides)?;
+            parse_policy(policy, kv, n_kv)?;
             write_msg(err, err_len, "");
             Ok(())
         },
     )
+}
+
+/// The policy a C caller names, with its `name=value` overrides: where `kvc_evictor_init`,
+/// `kvc_policy_check` and `kvc_policy_cost` all start, so they accept and refuse the same input.
+///
+/// # Safety
+/// `policy` a C string, `kv` an array of `n_kv` C strings (or NULL with `n_kv == 0`).
+unsafe fn parse_policy(
+    policy: *const c_char,
+    kv: *const *const c_char,
+    n_kv: usize,
+) -> Result<Policy> {
+    Policy::parse(c_str(policy, "policy")?, &c_str_array(kv, n_kv, "kv")?)
 }
 
 /// What a policy's plans cost (`kvc_cost`), without a model: an engine compares it with the
@@ -764,9 +773,7 @@ pub unsafe extern "C" fn kvc_policy_cost(
             if out.is_null() {
                 return Err(Error::NullArgument("out"));
             }
-            let name = c_str(policy, "policy")?;
-            let overrides = c_str_array(kv, n_kv, "kv")?;
-            let c = Policy::parse(name, &overrides)?.cost();
+            let c = parse_policy(policy, kv, n_kv)?.cost();
             *out = kvc_cost {
                 per_plan: c.per_plan,
                 per_token: c.per_token,
