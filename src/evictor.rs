@@ -152,11 +152,37 @@ impl Evictor {
     /// `window` rows) instead of the spread rows, then drops them. Beyond the scorer's cap every
     /// other row is dropped, so the sample stays even. Ignored when the policy asks for no pass.
     pub fn push_recon(&mut self, seq_id: i32, n_q: usize, q: &[f32]) -> Result<()> {
+        self.check_query_block("reconstruction queries", n_q, q)?;
+        let Some(recon) = self.recon() else {
+            return Ok(());
+        };
+        let rows: Vec<QueryRow> = (0..n_q)
+            .map(|i| QueryRow {
+                // after the sequence's end: every cell is visible to it
+                pos: i32::MAX,
+                data: self.token_row(q, n_q, i),
+            })
+            .collect();
+        let st = self.seqs.entry(seq_id).or_default();
+        st.recon.extend(rows);
+        while st.recon.len() > recon.cap.max(1) {
+            let mut k = 0;
+            st.recon.retain(|_| {
+                k += 1;
+                k % 2 == 1
+            });
+        }
+        Ok(())
+    }
+
+    /// A block of query rows as the engine hands it over, `[n_layer][n_q][n_head*head_dim]`:
+    /// the right size, and finite (a NaN would poison every score it touches).
+    fn check_query_block(&self, what: &'static str, n_q: usize, q: &[f32]) -> Result<()> {
         let row = self.shape.q_row_len();
         let need = self.shape.n_layer * n_q * row;
         if q.len() != need {
             return Err(shape_err(format!(
-                "reconstruction queries: {} floats, expected n_layer*n_q*n_head*head_dim = {}*{}*{} = {need}",
+                "{what}: {} floats, expected n_layer*n_q*n_head*head_dim = {}*{}*{} = {need}",
                 q.len(),
                 self.shape.n_layer,
                 n_q,
@@ -167,35 +193,24 @@ impl Evictor {
             let layer = bad / (n_q * row).max(1);
             let r = (bad % (n_q * row).max(1)) / row;
             return Err(Error::NonFinite {
-                what: "reconstruction queries",
+                what,
                 layer,
                 row: r,
             });
         }
-        let Some(recon) = self.recon() else {
-            return Ok(());
-        };
-        let st = self.seqs.entry(seq_id).or_default();
-        for i in 0..n_q {
-            let mut data = Vec::with_capacity(self.shape.n_layer * row);
-            for l in 0..self.shape.n_layer {
-                let off = (l * n_q + i) * row;
-                data.extend_from_slice(&q[off..off + row]);
-            }
-            // after the sequence's end: every cell is visible to it
-            st.recon.push(QueryRow {
-                pos: i32::MAX,
-                data: data.into_boxed_slice(),
-            });
-        }
-        while st.recon.len() > recon.cap.max(1) {
-            let mut k = 0;
-            st.recon.retain(|_| {
-                k += 1;
-                k % 2 == 1
-            });
-        }
         Ok(())
+    }
+
+    /// Row `i` of a checked block, gathered token-major (every layer's row of that token), as the
+    /// scorers read it.
+    fn token_row(&self, q: &[f32], n_q: usize, i: usize) -> Box<[f32]> {
+        let row = self.shape.q_row_len();
+        let mut data = Vec::with_capacity(self.shape.n_layer * row);
+        for l in 0..self.shape.n_layer {
+            let off = (l * n_q + i) * row;
+            data.extend_from_slice(&q[off..off + row]);
+        }
+        data.into_boxed_slice()
     }
 
     /// Query rows remembered per sequence. Scorers that read the newest rows need just those;
@@ -212,17 +227,7 @@ impl Evictor {
     /// Remember the newest query rows of a sequence. `q` is `[n_layer][n_q][n_head*head_dim]`.
     pub fn push_queries(&mut self, seq_id: i32, q_pos: &[i32], q: &[f32]) -> Result<()> {
         let n_q = q_pos.len();
-        let row = self.shape.q_row_len();
-        let need = self.shape.n_layer * n_q * row;
-        if q.len() != need {
-            return Err(shape_err(format!(
-                "queries: {} floats, expected n_layer*n_q*n_head*head_dim = {}*{}*{} = {need}",
-                q.len(),
-                self.shape.n_layer,
-                n_q,
-                row
-            )));
-        }
+        self.check_query_block("queries", n_q, q)?;
         if let Some(i) = q_pos.windows(2).position(|w| w[0] >= w[1]) {
             return Err(shape_err(format!(
                 "q_pos must be strictly ascending (index {i})"
@@ -235,15 +240,6 @@ impl Evictor {
                 "q_pos must be >= 0 (q_pos[0]={})",
                 q_pos[0]
             )));
-        }
-        if let Some(bad) = q.iter().position(|v| !v.is_finite()) {
-            let layer = bad / (n_q * row).max(1);
-            let r = (bad % (n_q * row).max(1)) / row;
-            return Err(Error::NonFinite {
-                what: "queries",
-                layer,
-                row: r,
-            });
         }
         if self.q_window() == 0 || n_q == 0 {
             return Ok(());
@@ -269,16 +265,9 @@ impl Evictor {
         };
         let rows = (0..n_q)
             .filter(|&i| wanted(i))
-            .map(|i| {
-                let mut data = Vec::with_capacity(self.shape.n_layer * row);
-                for l in 0..self.shape.n_layer {
-                    let off = (l * n_q + i) * row;
-                    data.extend_from_slice(&q[off..off + row]);
-                }
-                QueryRow {
-                    pos: q_pos[i],
-                    data: data.into_boxed_slice(),
-                }
+            .map(|i| QueryRow {
+                pos: q_pos[i],
+                data: self.token_row(q, n_q, i),
             })
             .collect();
         let ring_cap = self.ring_cap();
