@@ -163,6 +163,12 @@ class Server:
         print(open(self.log_path).read()[-2000:])
         return False
 
+    def tokenize(self, text, special):
+        """The server's tokens for `text` (`special`: with BOS), so a test can send exact token arrays."""
+        st, body = self.req("/tokenize", {"content": text, "add_special": special})
+        assert st == 200, body
+        return body["tokens"]
+
     def stop(self):
         stop_process(self.proc)
         self.log.close()

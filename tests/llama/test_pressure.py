@@ -34,12 +34,6 @@ MADE_ROOM = re.compile(r"made room in stream \d+ for -?\d+ cells: (\d+) given by
                        r"(\d+) squeezed \((\d+) from idle sequences\), (\d+) idle sequences of (\d+) resident")
 
 
-def tokenize(srv, text, special):
-    st, body = srv.req("/tokenize", {"content": text, "add_special": special})
-    assert st == 200, body
-    return body["tokens"]
-
-
 def complete(srv, tokens, slot, **extra):
     body = {"prompt": tokens, "n_predict": N_PREDICT, "temperature": 0, "cache_prompt": True, "id_slot": slot,
             "return_tokens": True}
@@ -58,9 +52,9 @@ try:
         for turn in (1, 2, 3):
             for i, key in enumerate(KEYS):
                 if turn == 1:
-                    new = tokenize(srv, k.passkey_prompt(key, 23, 6 + 7 * i), True)
+                    new = srv.tokenize(k.passkey_prompt(key, 23, 6 + 7 * i), True)
                 else:
-                    new = tokenize(srv, TURN2 if turn == 2 else TURN3, False)
+                    new = srv.tokenize(TURN2 if turn == 2 else TURN3, False)
                 prompt = history[i] + new
                 st, body = complete(srv, prompt, i)
                 tm = body.get("timings", {}) if isinstance(body, dict) else {}

@@ -41,12 +41,6 @@ MADE_ROOM = re.compile(r"made room in stream (\d+) for -?\d+ cells: (\d+) given 
                        r"(\d+) squeezed")
 
 
-def tokenize(srv, text, special):
-    st, body = srv.req("/tokenize", {"content": text, "add_special": special})
-    assert st == 200, body
-    return body["tokens"]
-
-
 def complete(srv, tokens, slot=0, **extra):
     body = {"prompt": tokens, "n_predict": N_PREDICT, "temperature": 0, "cache_prompt": True, "id_slot": slot,
             "return_tokens": True}
@@ -75,16 +69,16 @@ try:
     if not up:
         raise SystemExit(c.done())
 
-    hist = tokenize(srv, k.passkey_prompt(KEY, 23, 6), True)
+    hist = srv.tokenize(k.passkey_prompt(KEY, 23, 6), True)
     st, r1 = complete(srv, hist)
     c.check(st == 200 and kvp(r1).get("cells_evicted", -1) == 0,
             "turn 1 (%d tokens): HTTP %d, nothing evicted while the slot's stream has room (%s)" % (len(hist), st, kvp(r1)))
     hist += r1.get("tokens", [])
 
-    hist += tokenize(srv, TURN2, False)
+    hist += srv.tokenize(TURN2, False)
     st, r2 = complete(srv, hist)
     ev2 = kvp(r2).get("cells_evicted", -1)
-    c.check(st == 200 and ev2 > 0 and r2["timings"].get("cache_n", 0) >= len(hist) - len(tokenize(srv, TURN2, False)) - 1,
+    c.check(st == 200 and ev2 > 0 and r2["timings"].get("cache_n", 0) >= len(hist) - len(srv.tokenize(TURN2, False)) - 1,
             "turn 2 (%d tokens > 1024 cells of the slot): HTTP %d, squeezed in place (evicted %d), the prefix reused "
             "(cache_n %d)" % (len(hist), st, ev2, r2.get("timings", {}).get("cache_n", -1)))
     hist += r2.get("tokens", [])
@@ -95,7 +89,7 @@ try:
     c.check(st == 200 and sv.get("n_saved", 0) == len(hist) - 1,
             "/slots save of the squeezed slot (%d): %s" % (st, sv if st != 200 else sv.get("n_saved")))
 
-    q3 = hist + tokenize(srv, TURN3, False)
+    q3 = hist + srv.tokenize(TURN3, False)
     st, r3 = complete(srv, q3)
     a3 = r3.get("content")
     c.check(st == 200 and r3["timings"].get("cache_n", 0) >= len(hist) - 1,
@@ -119,9 +113,9 @@ try:
     held3 = n_cells(srv)
     c.check(st == 200 and sv.get("n_saved", 0) == len(hist3) - 1, "/slots save after turn 3 (%d): %s cells %d"
             % (st, sv.get("n_saved") if st == 200 else sv, held3))
-    st, ro = complete(srv, tokenize(srv, OTHER, True))
+    st, ro = complete(srv, srv.tokenize(OTHER, True))
     c.check(st == 200 and "70707" in ro.get("content", ""), "another prompt on slot 0: %r" % ro.get("content"))
-    q4 = hist3 + tokenize(srv, TURN4, False)
+    q4 = hist3 + srv.tokenize(TURN4, False)
     st, r4 = complete(srv, q4)
     c.check(st == 200 and r4["timings"].get("cache_n", 0) >= len(hist3) - 1,
             "turn 4: the conversation came back from the RAM prompt cache and was reused (cache_n %d of %d), answer %r"
