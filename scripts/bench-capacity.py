@@ -30,6 +30,7 @@ results/bench-decode[-gemma3].json.
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -138,11 +139,9 @@ def pick(r):
 
 
 def median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+    """statistics.median of the runs that gave a number (a failed run gives None)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 def decode_interleaved(n, reps, n_predict=128):
