@@ -251,6 +251,7 @@ pub const KEYS: &[&str] = &[
     "evict",
     "recon",
     "recon_stride",
+    "support",
 ];
 const VALUES: &[&str] = &[
     "0",
@@ -403,6 +404,7 @@ pub const VALID: &[(&str, &[&str])] = &[
     ("evict", &["prompt", "pressure"]),
     ("recon", &["0.0001", "0.5", "1"]),
     ("recon_stride", &["1", "4", "4096"]),
+    ("support", &["0", "0.5", "1"]),
 ];
 
 /// Policy name and overrides, owned, plus the pointer arrays C would pass.
@@ -488,10 +490,60 @@ fn params(b: &mut Bytes) -> kvc_params {
         1 => (p.max_plan_cost, p.max_token_cost) = ((p.head_dim % 64) as f32, 0.5),
         _ => {}
     }
+    // the rotary embedding (ABI 4): also derived from the shape, for the same reason; valid,
+    // absent, or refused (an unknown type, an odd or too large n_rot, a bad base)
+    match (p.n_layer ^ p.n_head_kv ^ p.head_dim.rotate_left(3)) % 8 {
+        0 | 1 => {
+            (
+                p.rope_type,
+                p.rope_n_rot,
+                p.rope_freq_base,
+                p.rope_freq_scale,
+            ) = (KVC_ROPE_NORM, p.head_dim & !1, 1e4, 1.0)
+        }
+        2 => {
+            (
+                p.rope_type,
+                p.rope_n_rot,
+                p.rope_freq_base,
+                p.rope_freq_scale,
+            ) = (KVC_ROPE_NEOX, 2, 1e6, 0.25)
+        }
+        3 => {
+            (
+                p.rope_type,
+                p.rope_n_rot,
+                p.rope_freq_base,
+                p.rope_freq_scale,
+            ) = (KVC_ROPE_NEOX, p.head_dim.wrapping_add(2), 1e4, 1.0)
+        }
+        4 => {
+            (
+                p.rope_type,
+                p.rope_n_rot,
+                p.rope_freq_base,
+                p.rope_freq_scale,
+            ) = (KVC_ROPE_NORM, p.head_dim & !1, f32::NAN, 1.0)
+        }
+        5 => p.rope_type = 9,
+        _ => {}
+    }
     if b.chance(32) {
         p.abi_version = b.u32();
     }
     p
+}
+
+fn rope_ok(p: &kvc_params) -> bool {
+    p.rope_type == KVC_ROPE_UNKNOWN
+        || ((p.rope_type == KVC_ROPE_NORM || p.rope_type == KVC_ROPE_NEOX)
+            && p.rope_n_rot > 0
+            && p.rope_n_rot % 2 == 0
+            && p.rope_n_rot <= p.head_dim
+            && p.rope_freq_base.is_finite()
+            && p.rope_freq_base > 0.0
+            && p.rope_freq_scale.is_finite()
+            && p.rope_freq_scale > 0.0)
 }
 
 fn shape_ok(p: &kvc_params) -> bool {
@@ -507,6 +559,7 @@ fn shape_ok(p: &kvc_params) -> bool {
         && p.kq_scale >= 0.0
         && p.abi_version == KVC_ABI_VERSION
         && (p.backend == KVC_BACKEND_CPU || p.backend == KVC_BACKEND_AUTO)
+        && rope_ok(p)
 }
 
 /// One cell the engine holds for a sequence.

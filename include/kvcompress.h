@@ -26,7 +26,7 @@
  Version of the C ABI; bumped whenever a struct or a signature changes. Callers compare
  `KVC_ABI_VERSION` (compile time) with `kvc_abi_version()` (run time).
  */
-#define KVC_ABI_VERSION 3
+#define KVC_ABI_VERSION 4
 
 /*
  `kvc_seq_view.flags`: the decode call that just ran produced logits for the sequence. With
@@ -45,12 +45,44 @@
 #define KVC_SEQ_FLAG_ROOM 2
 
 /*
+ `kvc_params.rope_type`: not told, not rotary, or a rotation the library does not model
+ (YaRN, M-RoPE, per-layer frequencies).
+ */
+#define KVC_ROPE_UNKNOWN 0
+
+/*
+ ... dimension pairs `(2i, 2i+1)` rotated by `pos * freq_scale * freq_base^(-2i/n_rot)`
+ (llama.cpp's `LLAMA_ROPE_TYPE_NORM`).
+ */
+#define KVC_ROPE_NORM 1
+
+/*
+ ... pairs `(i, i + n_rot/2)`, same angles (`LLAMA_ROPE_TYPE_NEOX`).
+ */
+#define KVC_ROPE_NEOX 2
+
+/*
  Cost units of one GVote ballot, from results/bench-plan.json (SmolLM2-135M shape, 8192
  cells, 2 threads): a plan with the default 9 ballots took 520 ms, a 9-row dbudget plan 137 ms
  and a 32-row snapkv plan 225 ms, so a row is ~3.8 ms, the fixed ranking/selection ~27 rows
  and a ballot ~46 ms = 12 rows (the nucleus sorts the held cells).
  */
 #define BALLOT_COST 12.0
+
+/*
+ `kvc_params.rope_type` code of [`Rope::Unknown`]
+ */
+#define Rope_UNKNOWN_CODE 0
+
+/*
+ ... of [`Rope::Norm`]
+ */
+#define Rope_NORM_CODE 1
+
+/*
+ ... of [`Rope::Neox`]
+ */
+#define Rope_NEOX_CODE 2
 
 /*
  Opaque eviction engine: one model shape, one policy, the state of every sequence.
@@ -112,6 +144,23 @@ typedef struct kvc_params {
    (`kvc_cost.per_token`); 0 = no bound. Default 64.
    */
   float max_token_cost;
+  /*
+   `KVC_ROPE_*`: the rotary embedding of the captured queries and cached keys (ABI 4).
+   `KVC_ROPE_UNKNOWN` (the default) is always safe; `gvote` fits its sampler better when told
+   */
+  uint32_t rope_type;
+  /*
+   rotated dimensions per head (even, at most `head_dim`), with `rope_type` set
+   */
+  uint32_t rope_n_rot;
+  /*
+   frequency base, with `rope_type` set
+   */
+  float rope_freq_base;
+  /*
+   linear position scale (1 = none), with `rope_type` set
+   */
+  float rope_freq_scale;
 } kvc_params;
 
 /*

@@ -525,6 +525,12 @@ pub const PRESETS: [Preset; 11] = [
                 "sampled future queries per head",
             ),
             p(
+                "support",
+                "0.5",
+                UNIT,
+                "share of a unit's samples whose nuclei must hold a cell for the unit to vote for it (the newest queries always vote); 0 = any sample",
+            ),
+            p(
                 "quorum",
                 "0.35",
                 UNIT,
@@ -544,6 +550,7 @@ pub const PRESETS: [Preset; 11] = [
                 window: w.max(2),
                 p: v.f32("p")?,
                 samples: v.usize("samples")?,
+                support: v.f32("support")?,
                 seed: v.u64("seed")?,
                 kernel: v.odd("pool")?,
             };

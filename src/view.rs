@@ -47,6 +47,112 @@ pub struct Shape {
     pub head_dim: usize,
     /// softmax scale applied to q·k
     pub kq_scale: f32,
+    /// how the engine rotated the queries and keys by position ([`Rope::Unknown`] unless told)
+    pub rope: Rope,
+}
+
+/// The rotary position embedding the engine applied to the captured queries and cached keys
+/// (`kvc_params.rope_*`). GVote uses it to move window queries to one position before fitting
+/// its Gaussian: without it the fit mixes every position's rotation into the spread.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rope {
+    /// not told, not rotary, or a rotation this library does not model (YaRN, M-RoPE, ...)
+    Unknown,
+    /// dimension pairs `(2i, 2i+1)` rotated by `pos * freq_scale * freq_base^(-2i/n_rot)`
+    /// (ggml's `LLAMA_ROPE_TYPE_NORM`: Llama, SmolLM2, ...)
+    Norm(RopeFreq),
+    /// pairs `(i, i + n_rot/2)`, same angles (`LLAMA_ROPE_TYPE_NEOX`: Qwen, Gemma, ...)
+    Neox(RopeFreq),
+}
+
+/// Angles of a rotary embedding; dimensions at and past `n_rot` are not rotated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeFreq {
+    /// rotated dimensions (even, at most `head_dim`)
+    pub n_rot: usize,
+    /// base of the frequencies
+    pub freq_base: f32,
+    /// position scale (linear scaling)
+    pub freq_scale: f32,
+}
+
+impl Rope {
+    /// `kvc_params.rope_type` code of [`Rope::Unknown`]
+    pub const UNKNOWN_CODE: u32 = 0;
+    /// ... of [`Rope::Norm`]
+    pub const NORM_CODE: u32 = 1;
+    /// ... of [`Rope::Neox`]
+    pub const NEOX_CODE: u32 = 2;
+
+    /// Decode and check the C fields against the head size.
+    pub fn from_code(
+        code: u32,
+        n_rot: u32,
+        freq_base: f32,
+        freq_scale: f32,
+        head_dim: usize,
+    ) -> Result<Self> {
+        if code == Self::UNKNOWN_CODE {
+            return Ok(Rope::Unknown);
+        }
+        if code != Self::NORM_CODE && code != Self::NEOX_CODE {
+            return Err(shape_err(format!(
+                "rope_type={code}: expected 0 (unknown), 1 (norm) or 2 (neox)"
+            )));
+        }
+        let n_rot = n_rot as usize;
+        if n_rot == 0 || n_rot % 2 != 0 || n_rot > head_dim {
+            return Err(shape_err(format!(
+                "rope_n_rot={n_rot}: expected an even number in 2..={head_dim} (head_dim)"
+            )));
+        }
+        for (name, v) in [
+            ("rope_freq_base", freq_base),
+            ("rope_freq_scale", freq_scale),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(shape_err(format!(
+                    "{name}={v}: expected a finite number > 0"
+                )));
+            }
+        }
+        let f = RopeFreq {
+            n_rot,
+            freq_base,
+            freq_scale,
+        };
+        Ok(if code == Self::NORM_CODE {
+            Rope::Norm(f)
+        } else {
+            Rope::Neox(f)
+        })
+    }
+
+    /// Rotate one head's vector `x` (post-RoPE at some position) by `delta` positions, in place:
+    /// what the same pre-RoPE vector would be at that position plus `delta`. A no-op for
+    /// [`Rope::Unknown`]. `x.len()` is the head size.
+    pub fn shift(&self, x: &mut [f32], delta: i64) {
+        let (f, neox) = match self {
+            Rope::Unknown => return,
+            Rope::Norm(f) => (f, false),
+            Rope::Neox(f) => (f, true),
+        };
+        let half = f.n_rot / 2;
+        let step = -2.0 * (f.freq_base as f64).ln() / f.n_rot as f64;
+        for i in 0..half {
+            // angles in f64: delta * theta reaches thousands of radians at long contexts
+            let angle = delta as f64 * f.freq_scale as f64 * (step * i as f64).exp();
+            let (sin, cos) = angle.sin_cos();
+            let (a, b) = if neox {
+                (i, i + half)
+            } else {
+                (2 * i, 2 * i + 1)
+            };
+            let (x0, x1) = (x[a] as f64, x[b] as f64);
+            x[a] = (x0 * cos - x1 * sin) as f32;
+            x[b] = (x0 * sin + x1 * cos) as f32;
+        }
+    }
 }
 
 impl Shape {
@@ -90,7 +196,14 @@ impl Shape {
             n_head_kv,
             head_dim,
             kq_scale,
+            rope: Rope::Unknown,
         })
+    }
+
+    /// The same shape with the engine's rotary embedding (checked against the head size by
+    /// [`Rope::from_code`]).
+    pub fn with_rope(self, rope: Rope) -> Self {
+        Shape { rope, ..self }
     }
 
     /// Query heads per KV head.
@@ -307,5 +420,62 @@ impl OwnedKeys {
     pub fn at(&self, shape: &Shape, il: usize, cell: usize, g: usize, k: usize) -> f32 {
         let row = shape.n_head_kv * shape.head_dim;
         self.data[il * self.n_cells * row + cell * row + g * shape.head_dim + k]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4)
+    }
+
+    #[test]
+    fn rope_shift_composes_and_uses_the_engine_angles() {
+        let f = RopeFreq {
+            n_rot: 8,
+            freq_base: 100.0,
+            freq_scale: 0.5,
+        };
+        // head_dim 10 with n_rot 8: the last two dimensions are not rotated
+        let v: Vec<f32> = (0..10).map(|i| (i as f32 * 0.7).sin() + 0.1).collect();
+        for (rope, pair1) in [(Rope::Norm(f), (2, 3)), (Rope::Neox(f), (1, 5))] {
+            let mut a = v.clone();
+            rope.shift(&mut a, 37);
+            rope.shift(&mut a, -12);
+            let mut b = v.clone();
+            rope.shift(&mut b, 25);
+            assert!(close(&a, &b), "{rope:?}: shifts do not compose");
+            rope.shift(&mut b, -25);
+            assert!(close(&b, &v), "{rope:?}: no round trip");
+            assert_eq!(&a[8..], &v[8..], "{rope:?}: rotated past n_rot");
+            // pair 1 turns by delta * freq_scale * freq_base^(-2/n_rot)
+            let angle = 25.0f64 * 0.5 * 100f64.powf(-2.0 / 8.0);
+            let (x0, x1) = (v[pair1.0] as f64, v[pair1.1] as f64);
+            let want = [
+                x0 * angle.cos() - x1 * angle.sin(),
+                x0 * angle.sin() + x1 * angle.cos(),
+            ];
+            assert!((a[pair1.0] as f64 - want[0]).abs() < 1e-4, "{rope:?}");
+            assert!((a[pair1.1] as f64 - want[1]).abs() < 1e-4, "{rope:?}");
+        }
+        let mut u = v.clone();
+        Rope::Unknown.shift(&mut u, 1000);
+        assert_eq!(u, v);
+    }
+
+    #[test]
+    fn rope_codes_are_checked() {
+        assert_eq!(Rope::from_code(0, 0, 0.0, 0.0, 64).unwrap(), Rope::Unknown);
+        assert!(Rope::from_code(3, 64, 1e4, 1.0, 64).is_err());
+        assert!(Rope::from_code(1, 66, 1e4, 1.0, 64).is_err());
+        assert!(Rope::from_code(1, 63, 1e4, 1.0, 64).is_err());
+        assert!(Rope::from_code(2, 64, f32::INFINITY, 1.0, 64).is_err());
+        assert!(Rope::from_code(2, 64, 1e4, -1.0, 64).is_err());
+        assert!(matches!(
+            Rope::from_code(2, 32, 1e4, 1.0, 64).unwrap(),
+            Rope::Neox(RopeFreq { n_rot: 32, .. })
+        ));
     }
 }

@@ -471,7 +471,8 @@ proptest! {
         }
     }
 
-    /// GVote: with the same seed, more samples never keep fewer tokens (union of nuclei).
+    /// GVote: with the same seed, more samples never keep fewer tokens (the union of nuclei,
+    /// `support=0`; a majority of the samples is not monotone in their number).
     #[test]
     fn gvote_more_samples_keep_a_superset(
         c in case(), a in 0usize..=5, extra in 1usize..=4, p100 in 50u32..=99, seed in 0u64..1000,
@@ -483,6 +484,7 @@ proptest! {
                 format!("p={}", p100 as f64 / 100.0),
                 format!("seed={seed}"),
                 "quorum=0".to_string(),
+                "support=0".to_string(),
                 format!("sinks={sinks}"),
                 format!("window={window}"),
             ];

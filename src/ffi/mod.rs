@@ -18,14 +18,14 @@ use crate::backend::{Backend, Parallelism};
 use crate::error::{Error, Result};
 use crate::evictor::{Evictor, SeqInput};
 use crate::policy::{CostLimit, Policy, POLICY_NAMES};
-use crate::view::{Dtype, KeyLayer, Keys, Memory, Shape};
+use crate::view::{Dtype, KeyLayer, Keys, Memory, Rope, Shape};
 use boundary::{c_str, c_str_array, guard, guard_value, slice, write_msg};
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 
 /// Version of the C ABI; bumped whenever a struct or a signature changes. Callers compare
 /// `KVC_ABI_VERSION` (compile time) with `kvc_abi_version()` (run time).
-pub const KVC_ABI_VERSION: u32 = 3;
+pub const KVC_ABI_VERSION: u32 = 4;
 
 /// Status of a call: `KVC_STATUS_OK` (0) or one of the `KVC_STATUS_*` errors.
 pub type kvc_status = u32;
@@ -163,7 +163,25 @@ pub struct kvc_params {
     /// ... or when its decode plans would cost more than this many units per generated token
     /// (`kvc_cost.per_token`); 0 = no bound. Default 64.
     pub max_token_cost: f32,
+    /// `KVC_ROPE_*`: the rotary embedding of the captured queries and cached keys (ABI 4).
+    /// `KVC_ROPE_UNKNOWN` (the default) is always safe; `gvote` fits its sampler better when told
+    pub rope_type: u32,
+    /// rotated dimensions per head (even, at most `head_dim`), with `rope_type` set
+    pub rope_n_rot: u32,
+    /// frequency base, with `rope_type` set
+    pub rope_freq_base: f32,
+    /// linear position scale (1 = none), with `rope_type` set
+    pub rope_freq_scale: f32,
 }
+
+/// `kvc_params.rope_type`: not told, not rotary, or a rotation the library does not model
+/// (YaRN, M-RoPE, per-layer frequencies).
+pub const KVC_ROPE_UNKNOWN: u32 = 0;
+/// ... dimension pairs `(2i, 2i+1)` rotated by `pos * freq_scale * freq_base^(-2i/n_rot)`
+/// (llama.cpp's `LLAMA_ROPE_TYPE_NORM`).
+pub const KVC_ROPE_NORM: u32 = 1;
+/// ... pairs `(i, i + n_rot/2)`, same angles (`LLAMA_ROPE_TYPE_NEOX`).
+pub const KVC_ROPE_NEOX: u32 = 2;
 
 /// What a policy's plans cost (`kvc_policy_cost`), in units of one query row of every query
 /// head scored against every held key of every layer: the attention work of decoding one token
@@ -284,6 +302,10 @@ pub extern "C" fn kvc_params_default() -> kvc_params {
         n_threads: 0,
         max_plan_cost: CostLimit::default().per_plan,
         max_token_cost: CostLimit::default().per_token,
+        rope_type: KVC_ROPE_UNKNOWN,
+        rope_n_rot: 0,
+        rope_freq_base: 0.0,
+        rope_freq_scale: 0.0,
     }
 }
 
@@ -345,7 +367,14 @@ pub unsafe extern "C" fn kvc_evictor_init(
                 p.n_head_kv as usize,
                 p.head_dim as usize,
                 p.kq_scale,
-            )?;
+            )?
+            .with_rope(Rope::from_code(
+                p.rope_type,
+                p.rope_n_rot,
+                p.rope_freq_base,
+                p.rope_freq_scale,
+                p.head_dim as usize,
+            )?);
             let backend = Backend::from_code(p.backend)?;
             let policy = parse_policy(policy, kv, n_kv)?;
             policy.check_cost(&cost_limit(&p)?)?;

@@ -28,6 +28,9 @@ pub struct GVote {
     pub p: f32,
     /// Monte-Carlo samples per query head (the real newest query is added to them)
     pub samples: usize,
+    /// share of a unit's samples whose nuclei must hold a cell for the unit to vote for it (the
+    /// real newest queries' nuclei always vote); 0 = any sample, the paper's union
+    pub support: f32,
     /// seed of the sampler; results are deterministic for a seed
     pub seed: u64,
     /// max-pooling kernel over the vote shares (1 = none): a cell next to a voted one shares
@@ -82,14 +85,12 @@ impl Scorer for GVote {
     fn score_unit(&self, u: &UnitCtx) -> Vec<f32> {
         let n = u.n();
         let d = u.shape.head_dim;
-        let mut votes = vec![0u32; n];
-        let mut marks = vec![false; n];
-        let mut probs = vec![0.0f32; n];
-        let mut scratch = Vec::new();
-        let mut ballots = 0u32;
         let Some(newest) = u.queries.last() else {
             return vec![0.0; n];
         };
+        let mut marks = vec![false; n];
+        let mut probs = vec![0.0f32; n];
+        let mut scratch = Vec::new();
         let mut cast = |q: &[f32], votes: &mut [u32]| {
             marks.iter_mut().for_each(|m| *m = false);
             if u.attend(q, i32::MAX, &mut probs) {
@@ -100,39 +101,66 @@ impl Scorer for GVote {
                     .for_each(|(v, &m)| *v += m as u32);
             }
         };
+        // the samples are queries of the next position: every window row is first moved there
+        // (its rotary angle advanced by the distance, `Shape::rope`), so the fit sees how the
+        // queries' content varies and not how their rotation spins with position, which
+        // scattered the samples over every relative offset (results/gvote-tuning.md)
+        let target = newest.pos as i64 + 1;
+        let rows = u.queries.len();
+        let mut aligned = vec![0.0f32; rows * d];
+        let mut mean = vec![0.0f32; d];
+        let mut q = vec![0.0f32; d];
+        let (mut real, mut sampled) = (vec![0u32; n], vec![0u32; n]);
+        let heads = u.heads().len();
         for h in u.heads() {
             // the real newest query votes first (GVote's "single-step budget estimation")
-            cast(u.q(newest, h), &mut votes);
-            ballots += 1;
-            // diagonal Gaussian fitted to the window's queries of this head
-            let rows = u.queries.len() as f32;
-            let mut mean = vec![0.0f32; d];
-            for r in u.queries {
+            cast(u.q(newest, h), &mut real);
+            if self.samples == 0 {
+                continue;
+            }
+            for (r, dst) in u.queries.iter().zip(aligned.chunks_exact_mut(d)) {
+                dst.copy_from_slice(u.q(r, h));
+                u.shape.rope.shift(dst, target - r.pos as i64);
+            }
+            mean.iter_mut().for_each(|m| *m = 0.0);
+            for a in aligned.chunks_exact(d) {
                 mean.iter_mut()
-                    .zip(u.q(r, h))
-                    .for_each(|(m, v)| *m += v / rows);
+                    .zip(a)
+                    .for_each(|(m, v)| *m += v / rows as f32);
             }
-            let mut std = vec![0.0f32; d];
-            for r in u.queries {
-                std.iter_mut()
-                    .zip(u.q(r, h))
-                    .zip(&mean)
-                    .for_each(|((s, v), m)| *s += (v - m) * (v - m) / rows);
+            for a in aligned.chunks_exact_mut(d) {
+                a.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
             }
-            std.iter_mut().for_each(|s| *s = s.sqrt());
+            // a draw from the Gaussian with the window's own mean and full covariance (rank <
+            // rows): mean + sum_r z_r (row_r - mean) / sqrt(rows - 1), z ~ N(0, 1). It stays in
+            // the span of real queries, where a diagonal fit draws every dimension independently
+            let norm = 1.0 / ((rows.max(2) - 1) as f32).sqrt();
             let mut rng = Rng::new(self.stream_seed(u.layer, h));
-            let mut q = vec![0.0f32; d];
             for _ in 0..self.samples {
-                for k in 0..d {
-                    q[k] = mean[k] + std[k] * rng.normal();
+                q.copy_from_slice(&mean);
+                for a in aligned.chunks_exact(d) {
+                    let z = rng.normal() * norm;
+                    q.iter_mut().zip(a).for_each(|(v, c)| *v += z * c);
                 }
-                cast(&q, &mut votes);
-                ballots += 1;
+                cast(&q, &mut sampled);
             }
         }
-        let shares: Vec<f32> = votes
+        // the unit votes for a cell its real newest queries want, or that at least `support`
+        // of its sampled queries want (a Monte-Carlo estimate that a future query needs it);
+        // a union over every sample votes for most cells of a short prompt. The score (the
+        // larger share) ranks the voted cells for the rule's tie-breaks; 0 = no vote
+        let n_sampled = (heads * self.samples).max(1) as f32;
+        let shares: Vec<f32> = real
             .iter()
-            .map(|&v| v as f32 / ballots.max(1) as f32)
+            .zip(&sampled)
+            .map(|(&r, &s)| {
+                let (r, s) = (r as f32 / heads as f32, s as f32 / n_sampled);
+                if r > 0.0 || (self.samples > 0 && s > 0.0 && s >= self.support) {
+                    r.max(s)
+                } else {
+                    0.0
+                }
+            })
             .collect();
         kernels::pool1d(&shares, self.kernel, true)
     }
@@ -141,6 +169,82 @@ impl Scorer for GVote {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::QueryRow;
+    use crate::view::{Rope, RopeFreq, Shape};
+
+    /// Cells a unit votes for (share > 0) when every window query has the same content, rotated
+    /// by `rope` to its own position (the scorer is `told` the rotation or not): with the rotation known the samples are that one query at the next
+    /// position, so they add little to the newest query's own nucleus; without it they scatter.
+    fn coverage(rope: Rope, told: Rope, samples: usize) -> usize {
+        let (d, n, w) = (16, 96, 16);
+        let shape = Shape::new(1, 1, 1, d, 0.5).unwrap().with_rope(told);
+        let mut rng = Rng::new(3);
+        let keys_rows: Vec<Vec<f32>> = (0..n)
+            .map(|i| {
+                let mut k: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+                rope.shift(&mut k, i as i64);
+                k
+            })
+            .collect();
+        let keys: Vec<f32> = (0..d)
+            .flat_map(|j| keys_rows.iter().map(move |k| k[j]))
+            .collect();
+        let pos: Vec<i32> = (0..n as i32).collect();
+        let content: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+        let rows: Vec<QueryRow> = (n - w..n)
+            .map(|p| {
+                let mut q = content.clone();
+                rope.shift(&mut q, p as i64);
+                QueryRow {
+                    pos: p as i32,
+                    data: q.into_boxed_slice(),
+                }
+            })
+            .collect();
+        let refs: Vec<&QueryRow> = rows.iter().collect();
+        let protected = vec![false; n];
+        let u = UnitCtx {
+            shape: &shape,
+            layer: 0,
+            kv_head: 0,
+            keys: &keys,
+            pos: &pos,
+            queries: &refs,
+            carry: None,
+            protected: &protected,
+        };
+        let g = GVote {
+            window: w,
+            p: 0.9,
+            samples,
+            support: 0.0,
+            seed: 0,
+            kernel: 1,
+        };
+        g.score_unit(&u).iter().filter(|&&s| s > 0.0).count()
+    }
+
+    #[test]
+    fn samples_of_rotated_queries_do_not_scatter_when_the_rope_is_known() {
+        let f = RopeFreq {
+            n_rot: 16,
+            freq_base: 10000.0,
+            freq_scale: 1.0,
+        };
+        let rope = Rope::Norm(f);
+        let newest = coverage(rope, rope, 0);
+        let known = coverage(rope, rope, 16);
+        let unknown = coverage(rope, Rope::Unknown, 16);
+        // 96 cells: 44 / 48 / 71 at the time of writing
+        assert!(
+            known <= newest + 6,
+            "{known} cells vs {newest} for the newest query alone"
+        );
+        assert!(
+            unknown > known + 12,
+            "{unknown} cells unaligned vs {known} aligned"
+        );
+    }
 
     #[test]
     fn rng_is_deterministic_and_roughly_standard() {

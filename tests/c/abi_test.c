@@ -427,6 +427,33 @@ static void test_init_errors(void) {
     p.n_layer = 1000000u;
     FAIL_INIT(&p, "snapkv", NULL, 0, KVC_STATUS_INVALID_SHAPE, NULL);
 
+    /* the rotary embedding (ABI 4): unknown by default, checked against head_dim when told */
+    CHECK(kvc_params_default().rope_type == KVC_ROPE_UNKNOWN, "params_default rope");
+    p = toy_params();
+    p.rope_type = 9;
+    FAIL_INIT(&p, "gvote", NULL, 0, KVC_STATUS_INVALID_SHAPE, "rope_type");
+    p = toy_params();
+    p.rope_type = KVC_ROPE_NORM; /* n_rot 0 */
+    FAIL_INIT(&p, "gvote", NULL, 0, KVC_STATUS_INVALID_SHAPE, "rope_n_rot");
+    p.rope_n_rot = HEAD_DIM + 2;
+    FAIL_INIT(&p, "gvote", NULL, 0, KVC_STATUS_INVALID_SHAPE, "rope_n_rot");
+    p.rope_n_rot = 1;
+    FAIL_INIT(&p, "gvote", NULL, 0, KVC_STATUS_INVALID_SHAPE, "rope_n_rot");
+    p.rope_n_rot = HEAD_DIM;
+    p.rope_freq_base = (float)NAN;
+    p.rope_freq_scale = 1.0f;
+    FAIL_INIT(&p, "gvote", NULL, 0, KVC_STATUS_INVALID_SHAPE, "rope_freq_base");
+    p.rope_freq_base = 10000.0f;
+    p.rope_freq_scale = 0.0f;
+    FAIL_INIT(&p, "gvote", NULL, 0, KVC_STATUS_INVALID_SHAPE, "rope_freq_scale");
+    p.rope_type = KVC_ROPE_NEOX;
+    p.rope_freq_scale = 0.5f;
+    {
+        kvc_evictor *ok = NULL;
+        CHECK_ST(kvc_evictor_init(&p, "gvote", NULL, 0, &ok, err, sizeof err), KVC_STATUS_OK);
+        kvc_evictor_free(ok);
+    }
+
     p = toy_params();
     p.backend = KVC_BACKEND_CUDA;
     FAIL_INIT(&p, "snapkv", NULL, 0, KVC_STATUS_CUDA_UNAVAILABLE, "CUDA");
