@@ -200,6 +200,7 @@ int main(int argc, char ** argv) {
     bool        roundtrip = false;
     int32_t     truncate_pos = -1;
     bool        attn_check = false;
+    bool        rope_check = false;
 
     std::vector<char *> args;
     for (int i = 0; i < argc; ++i) {
@@ -215,6 +216,8 @@ int main(int argc, char ** argv) {
             roundtrip = true;
         } else if (strcmp(argv[i], "--kvc-attn-check") == 0) {
             attn_check = true;
+        } else if (strcmp(argv[i], "--kvc-rope-check") == 0) {
+            rope_check = true;
         } else if (i + 1 < argc && strcmp(argv[i], "--kvc-truncate") == 0) {
             truncate_pos = atoi(argv[++i]);
         } else {
@@ -245,8 +248,8 @@ int main(int argc, char ** argv) {
         params.cb_eval_user_data = &cap;
     }
 #else
-    if (attn_check) {
-        LOG_ERR("%s: --kvc-attn-check needs the patched build\n", __func__);
+    if (attn_check || rope_check) {
+        LOG_ERR("%s: --kvc-attn-check and --kvc-rope-check need the patched build\n", __func__);
         return 1;
     }
 #endif
@@ -448,6 +451,92 @@ int main(int argc, char ** argv) {
             ++l;
         }
         printf("%s]}\n", out.c_str());
+        fflush(stdout);
+        return 0;
+    }
+#endif
+
+#ifdef KVC_RUN_PATCHED
+    if (rope_check) {
+        // the cache was empty and one sequence was prefilled: cell j holds position j. K of a token at position j is
+        // its pre-RoPE key rotated by j, so where two positions hold the same token in the same context (a repeated
+        // text), K at the later one should be K at the earlier one rotated by the distance with the rotation the
+        // library was told. Compared with the plain cosine, the other pair layout (norm <-> neox) and base/100 (the
+        // order of gemma3's sliding-window base against its global one).
+        uint32_t type = 0, n_rot = 0;
+        float base = 0.0f, fscale = 0.0f;
+        const int32_t n_cells = llama_kv_policy_n_cells(ctx, 0);
+        if (!common_kv_policy_rope(ctx, type, n_rot, base, fscale) || n_cells != (int32_t) seqs[0].prompt.size()) {
+            LOG_ERR("%s: --kvc-rope-check: no policy, or %d cells for %zu prompt tokens (a policy that keeps every cell, "
+                    "e.g. snapkv tokens=100000)\n", __func__, n_cells, seqs[0].prompt.size());
+            return 1;
+        }
+        const auto & toks = seqs[0].prompt;
+        std::vector<uint32_t> cells(n_cells);
+        for (int32_t j = 0; j < n_cells; ++j) {
+            cells[j] = j;
+        }
+        const int64_t n_head_kv = llama_model_n_head_kv(model);
+        // the head size of K: <arch>.attention.key_length (gemma3: 256, not n_embd/n_head)
+        int64_t d = llama_model_n_embd(model)/llama_model_n_head(model);
+        {
+            char arch[64] = "", val[64] = "";
+            if (llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch)) > 0 &&
+                llama_model_meta_val_str(model, (std::string(arch) + ".attention.key_length").c_str(), val, sizeof(val)) > 0) {
+                d = atoll(val);
+            }
+        }
+        // rotate x (one head) by delta positions; neox pairs (i, i + n_rot/2), norm pairs (2i, 2i + 1)
+        auto rotate = [&](const float * x, float * y, int64_t delta, bool neox, double b) {
+            std::copy(x, x + d, y);
+            for (uint32_t i = 0; i < n_rot/2; ++i) {
+                const double a  = delta*(double) fscale*pow(b, -2.0*i/n_rot);
+                const int64_t i0 = neox ? i : 2*i;
+                const int64_t i1 = neox ? i + n_rot/2 : 2*i + 1;
+                y[i0] = (float) (x[i0]*cos(a) - x[i1]*sin(a));
+                y[i1] = (float) (x[i0]*sin(a) + x[i1]*cos(a));
+            }
+        };
+        auto cosine = [&](const float * a, const float * b) {
+            double ab = 0.0, aa = 0.0, bb = 0.0;
+            for (int64_t i = 0; i < d; ++i) {
+                ab += (double) a[i]*b[i];
+                aa += (double) a[i]*a[i];
+                bb += (double) b[i]*b[i];
+            }
+            return ab/std::max(1e-30, sqrt(aa*bb));
+        };
+        std::string out = string_format("{\"rope_check\": {\"type\": %u, \"n_rot\": %u, \"freq_base\": %g, \"freq_scale\": %g, "
+                                        "\"layers\": [", type, n_rot, base, fscale);
+        std::vector<float> k((size_t) n_cells*n_head_kv*d), y(d);
+        // the policy's layers, in model order, until read_k refuses the index
+        for (int32_t l = 0; n_rot > 0 && llama_kv_policy_read_k(ctx, 0, l, cells.data(), n_cells, k.data()) == 0; ++l) {
+            double c_rot = 0.0, c_raw = 0.0, c_other = 0.0, c_base = 0.0;
+            int64_t n_pairs = 0;
+            for (int32_t j = n_cells/2; j < n_cells; ++j) {
+                for (int32_t delta = 1; delta <= 64 && j + delta < n_cells; ++delta) {
+                    if (toks[j] != toks[j + delta]) {
+                        continue;
+                    }
+                    for (int64_t h = 0; h < n_head_kv; ++h) {
+                        const float * a = k.data() + ((size_t) j*n_head_kv + h)*d;
+                        const float * b = k.data() + ((size_t) (j + delta)*n_head_kv + h)*d;
+                        rotate(a, y.data(), delta, type == 2, base);
+                        c_rot += cosine(y.data(), b);
+                        rotate(a, y.data(), delta, type != 2, base);
+                        c_other += cosine(y.data(), b);
+                        rotate(a, y.data(), delta, type == 2, base/100.0);
+                        c_base += cosine(y.data(), b);
+                        c_raw += cosine(a, b);
+                        ++n_pairs;
+                    }
+                }
+            }
+            const double inv = 1.0/std::max<int64_t>(1, n_pairs);
+            out += string_format("%s{\"l\": %d, \"pairs\": %lld, \"cos_rot\": %.5f, \"cos_raw\": %.5f, \"cos_other_layout\": %.5f, \"cos_base_div100\": %.5f}",
+                                 l ? ", " : "", l, (long long) n_pairs, c_rot*inv, c_raw*inv, c_other*inv, c_base*inv);
+        }
+        printf("%s]}}\n", out.c_str());
         fflush(stdout);
         return 0;
     }

@@ -16,6 +16,14 @@ attention on the sequence's cells sums to 1 (cell j is position j); the recomput
 variation 0.02 of the model's in every head (f16 K, the model's f16-rounded query: ~1e-3 expected).
 Control (the check can fail): gemma3 with 1/sqrt(head_dim) applied to the captured query, the pre-0014 setting,
 is far from the model's (mean total variation > 0.2).
+
+The rotary embedding the library is told (patch 0015; gvote moves window queries to one position with it):
+kvc-run --kvc-rope-check prefills a repeated sentence and, in every layer the policy sees, rotates K at a position
+by the distance to a later position holding the same token with the told rotation, and compares it with K there
+(cosine, mean over the pairs and KV heads). Checks per model: the told type, n_rot and base are the GGUF's
+(SmolLM2: norm, 64, 1e5; gemma3's global layers: neox, 256, 1e6); the told rotation matches K better than no
+rotation, than the other pair layout and than base/100 in every layer (the controls: a wrong layout or base fails
+this), and exactly (cosine >= 0.999) in SmolLM2's layer 0, whose K depends on the token alone.
 """
 import os
 import sys
@@ -27,11 +35,12 @@ import kvc_common as k
 t_start = time.time()
 c = k.Checks("test_attention")
 GEMMA3 = os.environ.get("KVC_GEMMA3_MODEL", os.path.expanduser("~/.cache/kvcompress/models/gemma-3-270m-q4_k_m.gguf"))
+SMOLLM2 = k.MODEL
 TV_MAX = 0.02
 TV_OLD_MIN = 0.2
 
 prompt = k.write_prompt("attention-prompt.txt", k.passkey_prompt(48213, 40, 20))
-for name, model, n_layers in (("smollm2", k.MODEL, 30), ("gemma3", GEMMA3, 3)):
+for name, model, n_layers in (("smollm2", SMOLLM2, 30), ("gemma3", GEMMA3, 3)):
     c.check(os.path.exists(model), "%s model at %s (scripts/llama.sh fetch)" % (name, model))
     if not os.path.exists(model):
         continue
@@ -58,6 +67,38 @@ for name, model, n_layers in (("smollm2", k.MODEL, 30), ("gemma3", GEMMA3, 3)):
         old = min(l["tv_inv_sqrt_d"] for l in layers)
         c.check(old > TV_OLD_MIN, "control, gemma3: 1/sqrt(head_dim) on the captured queries (pre-0014) is far from the "
                 "model's attention (least mean total variation %.4f > %g)" % (old, TV_OLD_MIN))
+
+ROPE = {"smollm2": (1, 64, 1e5), "gemma3": (2, 256, 1e6)}  # KVC_ROPE_NORM / _NEOX, n_rot, base (GGUF metadata)
+rep = k.write_prompt("rope-prompt.txt", "The quick brown fox jumps over the lazy dog near the river bank. " * 50)
+for name, model, n_layers in (("smollm2", SMOLLM2, 30), ("gemma3", GEMMA3, 3)):
+    if not os.path.exists(model):
+        continue
+    k.MODEL = model
+    res = k.kvc_run(rep, "-c", "4096", "--kv-policy", "snapkv", "--kv-policy-param", "tokens=100000",
+                    "--kvc-rope-check", check=False)
+    if not isinstance(res, dict):
+        c.check(False, "%s: kvc-run --kvc-rope-check ran (rc %d): %s" % (name, res.returncode, res.stderr[-500:]))
+        continue
+    r = res["rope_check"]
+    want = ROPE[name]
+    c.check((r["type"], r["n_rot"]) == want[:2] and abs(r["freq_base"] - want[2]) < 1e-3 * want[2] and r["freq_scale"] == 1,
+            "%s: the library is told the model's RoPE (type %d, n_rot %d, base %g, scale %g; expected %s)"
+            % (name, r["type"], r["n_rot"], r["freq_base"], r["freq_scale"], want))
+    ls = r["layers"]
+    c.check(len(ls) == n_layers and all(l["pairs"] > 0 for l in ls),
+            "%s: K compared in %d layers (expected %d), %d same-token pairs each" % (name, len(ls), n_layers, ls[0]["pairs"] if ls else 0))
+    if not ls:
+        continue
+    for l in {l["l"]: l for l in ls[:3] + ls[-1:]}.values():
+        print("  %s policy layer %2d: cos(K, told rotation) %.4f, unrotated %.4f, other layout %.4f, base/100 %.4f"
+              % (name, l["l"], l["cos_rot"], l["cos_raw"], l["cos_other_layout"], l["cos_base_div100"]))
+    worse = [l["l"] for l in ls if not (l["cos_rot"] > max(l["cos_raw"], l["cos_other_layout"], l["cos_base_div100"]))]
+    c.check(not worse, "%s: the told rotation matches K better than none, the other layout and base/100 in every layer%s"
+            % (name, "" if not worse else " (not in layers %s)" % worse))
+    if name == "smollm2":
+        # layer 0's K depends on the token alone (gemma3's first global layer, 5, also on the context)
+        c.check(ls[0]["cos_rot"] >= 0.999, "%s: in layer 0 K rotated by the told RoPE is K at the later position "
+                "(cosine %.5f >= 0.999)" % (name, ls[0]["cos_rot"]))
 
 print("  (%.0f s)" % (time.time() - t_start))
 c.done()
