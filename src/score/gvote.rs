@@ -1,14 +1,16 @@
 //! GVote (arXiv 2509.03136): sample plausible *future* queries and let each vote for the keys
-//! it needs. The paper keeps the union of the votes; here the rule
-//! (`budget::Vote`) keeps the cells a quorum of (layer, KV head) units votes for
-//! (`quorum=0.5` by default; `quorum=0` is the union).
+//! it needs. The paper keeps the union of the votes; here a (layer, KV head) unit votes for the
+//! cells its real newest queries need or that at least `support` of its samples need, and the
+//! rule (`budget::Vote`) keeps the cells a `quorum` of units votes for (`support=0 quorum=0` is
+//! the union, which on a short prompt is every cell).
 //!
 //! The paper fits a Gaussian to normalized hidden states and projects samples through W_q.
-//! The library never sees hidden states or weights, so it fits the Gaussian directly to the
-//! captured post-RoPE queries of the observation window, per query head, with a diagonal
-//! covariance. That models the query distribution at nearby positions, which is what the next
-//! tokens will produce. Each sample (and the real newest query) marks its top-p nucleus over
-//! all held keys (a future query sees every cached key).
+//! The library never sees hidden states or weights, so it fits the Gaussian to the captured
+//! queries of the observation window, per query head, after moving each to the next position
+//! with the engine's rotary embedding (`Shape::rope`; unmoved when unknown), with the window's
+//! own (low-rank) covariance. That models the query distribution at the next positions, which
+//! is what the next tokens will produce. Each sample (and the real newest query) marks its
+//! top-p nucleus over all held keys (a future query sees every cached key).
 
 use super::{QuerySel, Scorer, UnitCtx};
 use crate::kernels;
@@ -77,8 +79,8 @@ impl Scorer for GVote {
     }
     /// Each ballot (the newest query and every sample, per query head) is one attention row
     /// plus a sort of the held cells for its nucleus, which dominates: `BALLOT_COST` units. The
-    /// Gaussian fit reads the window twice (`2 * window * head_dim` per head, at most 2 units
-    /// while the window is no longer than the cells held).
+    /// fit and each draw read the window once (`window * head_dim` per head and sample, well
+    /// under a unit per ballot while the window is shorter than the cells held): 2 units.
     fn cost_units(&self, _rows: usize) -> f32 {
         (self.samples + 1) as f32 * BALLOT_COST + 2.0
     }
