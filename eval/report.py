@@ -240,7 +240,10 @@ def models_md(res):
     """RESULTS.md's two-model section: each summary that exists for both models (or one of them)
     side by side, then the chat flow (eval/run.py --flow chat). Missing files are named, not hidden."""
     lines = []
-    for stem, what in (("summary-tune2k-sweep", "question-aware 2K (gvote sweep, `eval/run.py --preset tune2k --settings ...`)"),
+    for stem, what in (("summary-tune2k-gvote-support", "question-aware 2K, gvote's default since issue 16 and its knobs "
+                        "(`eval/run.py --preset tune2k --settings gvote --settings 'gvote support=0' ...`)"),
+                       ("summary-tune2k-sweep", "question-aware 2K after patch 0014 (`eval/run.py --preset tune2k --settings "
+                        "dbudget --settings gvote ...`; its gvote rows are the old default)"),
                        ("summary-quick", "CI's quick grid at 1K (`eval/run.py --preset quick --record`)")):
         sm = {name: load_json(res / f"{stem}{tag}.json") for name, tag in MODEL_TAGS}
         if not any(sm.values()):
