@@ -18,7 +18,10 @@ use crate::kernels;
 /// Cost units of one GVote ballot, from results/bench-plan.json (SmolLM2-135M shape, 8192
 /// cells, 2 threads): a plan with the default 9 ballots took 520 ms, a 9-row dbudget plan 137 ms
 /// and a 32-row snapkv plan 225 ms, so a row is ~3.8 ms, the fixed ranking/selection ~27 rows
-/// and a ballot ~46 ms = 12 rows (the nucleus sorts the held cells).
+/// and a ballot ~46 ms = 12 rows when the nucleus sorted the held cells. Since the nucleus is
+/// selected instead (`kernels::mark_nucleus`) a ballot measures ~6 rows
+/// (results/bench-plan-nucleus-ab.json: gvote 2.3x a dbudget plan, was 3.6x); 12 is kept, an
+/// upper bound, so that the cost bounds operators set against it keep their meaning.
 pub const BALLOT_COST: f32 = 12.0;
 
 /// The GVote scorer: per cell, the fraction of (query head, sample) nuclei that contain it.
