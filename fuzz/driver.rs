@@ -492,41 +492,21 @@ fn params(b: &mut Bytes) -> kvc_params {
     }
     // the rotary embedding (ABI 4): also derived from the shape, for the same reason; valid,
     // absent, or refused (an unknown type, an odd or too large n_rot, a bad base)
-    match (p.n_layer ^ p.n_head_kv ^ p.head_dim.rotate_left(3)) % 8 {
-        0 | 1 => {
-            (
-                p.rope_type,
-                p.rope_n_rot,
-                p.rope_freq_base,
-                p.rope_freq_scale,
-            ) = (KVC_ROPE_NORM, p.head_dim & !1, 1e4, 1.0)
-        }
-        2 => {
-            (
-                p.rope_type,
-                p.rope_n_rot,
-                p.rope_freq_base,
-                p.rope_freq_scale,
-            ) = (KVC_ROPE_NEOX, 2, 1e6, 0.25)
-        }
-        3 => {
-            (
-                p.rope_type,
-                p.rope_n_rot,
-                p.rope_freq_base,
-                p.rope_freq_scale,
-            ) = (KVC_ROPE_NEOX, p.head_dim.wrapping_add(2), 1e4, 1.0)
-        }
-        4 => {
-            (
-                p.rope_type,
-                p.rope_n_rot,
-                p.rope_freq_base,
-                p.rope_freq_scale,
-            ) = (KVC_ROPE_NORM, p.head_dim & !1, f32::NAN, 1.0)
-        }
-        5 => p.rope_type = 9,
-        _ => {}
+    let rope = match (p.n_layer ^ p.n_head_kv ^ p.head_dim.rotate_left(3)) % 8 {
+        0 | 1 => Some((KVC_ROPE_NORM, p.head_dim & !1, 1e4, 1.0)),
+        2 => Some((KVC_ROPE_NEOX, 2, 1e6, 0.25)),
+        3 => Some((KVC_ROPE_NEOX, p.head_dim.wrapping_add(2), 1e4, 1.0)),
+        4 => Some((KVC_ROPE_NORM, p.head_dim & !1, f32::NAN, 1.0)),
+        5 => Some((9, 0, 0.0, 0.0)),
+        _ => None,
+    };
+    if let Some(r) = rope {
+        (
+            p.rope_type,
+            p.rope_n_rot,
+            p.rope_freq_base,
+            p.rope_freq_scale,
+        ) = r;
     }
     if b.chance(32) {
         p.abi_version = b.u32();

@@ -264,10 +264,12 @@ pub fn mark_nucleus(probs: &[f32], p: f32, marks: &mut [bool], scratch: &mut Vec
     scratch.clear();
     scratch.extend((0..probs.len() as u32).filter(|&j| probs[j as usize] > 0.0));
     // a total order: larger probability first, then lower index
-    let before = |a: u32, b: u32| {
-        let (pa, pb) = (probs[a as usize], probs[b as usize]);
-        pa > pb || (pa == pb && a < b)
+    let order = |a: &u32, b: &u32| {
+        probs[*b as usize]
+            .total_cmp(&probs[*a as usize])
+            .then(a.cmp(b))
     };
+    let before = |a: u32, b: u32| order(&a, &b).is_lt();
     let p = p as f64;
     let mass = |ix: &[u32]| ix.iter().map(|&j| probs[j as usize] as f64).sum::<f64>();
     // invariant: scratch[..lo] are the top `lo` entries (in any order) with mass `done` < p, and
@@ -276,11 +278,7 @@ pub fn mark_nucleus(probs: &[f32], p: f32, marks: &mut [bool], scratch: &mut Vec
     let k = loop {
         if hi - lo <= 32 {
             let w = &mut scratch[lo..hi];
-            w.sort_unstable_by(|&a, &b| {
-                probs[b as usize]
-                    .total_cmp(&probs[a as usize])
-                    .then(a.cmp(&b))
-            });
+            w.sort_unstable_by(order);
             let mut k = lo;
             for &j in w.iter() {
                 if done >= p {

@@ -183,6 +183,13 @@ pub const KVC_ROPE_NORM: u32 = 1;
 /// ... pairs `(i, i + n_rot/2)`, same angles (`LLAMA_ROPE_TYPE_NEOX`).
 pub const KVC_ROPE_NEOX: u32 = 2;
 
+// the codes are literals for cbindgen; `Rope::from_code` decodes the same values
+const _: () = assert!(
+    KVC_ROPE_UNKNOWN == Rope::UNKNOWN_CODE
+        && KVC_ROPE_NORM == Rope::NORM_CODE
+        && KVC_ROPE_NEOX == Rope::NEOX_CODE
+);
+
 /// What a policy's plans cost (`kvc_policy_cost`), in units of one query row of every query
 /// head scored against every held key of every layer: the attention work of decoding one token
 /// over the same cells, so the same bound fits every model and cache size.

@@ -160,7 +160,7 @@ impl Scorer for GVote {
             .zip(&sampled)
             .map(|(&r, &s)| {
                 let (r, s) = (r as f32 / heads as f32, s as f32 / n_sampled);
-                if r > 0.0 || (self.samples > 0 && s > 0.0 && s >= self.support) {
+                if r > 0.0 || (s > 0.0 && s >= self.support) {
                     r.max(s)
                 } else {
                     0.0
@@ -178,8 +178,9 @@ mod tests {
     use crate::view::{Rope, RopeFreq, Shape};
 
     /// Cells a unit votes for (share > 0) when every window query has the same content, rotated
-    /// by `rope` to its own position (the scorer is `told` the rotation or not): with the rotation known the samples are that one query at the next
-    /// position, so they add little to the newest query's own nucleus; without it they scatter.
+    /// by `rope` to its own position (the scorer is `told` the rotation or not): with the
+    /// rotation known the samples are that one query at the next position, so they add little
+    /// to the newest query's own nucleus; without it they scatter.
     fn coverage(rope: Rope, told: Rope, samples: usize) -> usize {
         let (d, n, w) = (16, 96, 16);
         let shape = Shape::new(1, 1, 1, d, 0.5).unwrap().with_rope(told);
