@@ -119,12 +119,12 @@ install-check: build
 	export PKG_CONFIG_PATH="$$d/usr/lib/pkgconfig"; \
 	libdir=$$(pkg-config --variable=libdir kvcompress); \
 	$(CC) $(C_FLAGS) tests/c/abi_test.c $$(pkg-config --cflags --libs kvcompress) -Wl,-rpath,"$$libdir" -o "$$d/abi_shared"; \
-	ldd "$$d/abi_shared" | grep -q "libkvcompress.so.$(ABI) => $$libdir/libkvcompress.so.$(ABI)" \
+	ldd "$$d/abi_shared" | grep "libkvcompress.so.$(ABI) => $$libdir/libkvcompress.so.$(ABI)" >/dev/null \
 	  || { echo "install-check: abi_shared does not load the installed libkvcompress.so.$(ABI):" >&2; ldd "$$d/abi_shared" >&2; exit 1; }; \
 	"$$d/abi_shared" > "$$d/shared.log" || { cat "$$d/shared.log" >&2; exit 1; }; \
 	$(CC) $(C_FLAGS) tests/c/abi_test.c $$(pkg-config --cflags kvcompress) "$$libdir/libkvcompress.a" \
 	  $$(pkg-config --static --libs-only-other --libs-only-l kvcompress | sed 's/-lkvcompress//') -o "$$d/abi_static"; \
-	! ldd "$$d/abi_static" | grep -q libkvcompress || { echo "install-check: abi_static loads libkvcompress" >&2; exit 1; }; \
+	! ldd "$$d/abi_static" | grep libkvcompress >/dev/null || { echo "install-check: abi_static loads libkvcompress" >&2; exit 1; }; \
 	"$$d/abi_static" > "$$d/static.log" || { cat "$$d/static.log" >&2; exit 1; }; \
 	echo "install-check: kvcompress.pc, soname $$so, tests/c/abi_test.c linked shared and static: passed"
 
@@ -224,7 +224,7 @@ deps:
 	fi
 	@if command -v rustup >/dev/null 2>&1; then \
 	  for c in rustfmt clippy; do \
-	    rustup component list --installed 2>/dev/null | grep -q "^$$c" || rustup component add $$c; \
+	    rustup component list --installed 2>/dev/null | grep "^$$c" >/dev/null || rustup component add $$c; \
 	  done; \
 	fi
 	@# the fuzz target's crates (libfuzzer-sys, pinned in fuzz/Cargo.lock), fetched ahead

@@ -116,7 +116,7 @@ grep "warning: kvcompress" <<<"$log"
 step "cargo test --release --features cuda"
 skips=$(mktemp -d)
 trap 'rm -f "$json"; rm -rf "$skips"' EXIT
-if [ -z "${KVC_REQUIRE_GPU:-}" ] && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+if [ -z "${KVC_REQUIRE_GPU:-}" ] && command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep GPU >/dev/null; then
     export KVC_REQUIRE_GPU=1
     echo "nvidia-smi lists a GPU: KVC_REQUIRE_GPU=1 (a device test that cannot open it fails)"
 fi

@@ -134,7 +134,7 @@ head -3 "$KIT/MANIFEST"
 cp "$KIT/MANIFEST" "$OUTD/MANIFEST"
 
 have_gpu=0
-command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU && have_gpu=1
+command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep GPU >/dev/null && have_gpu=1
 
 # the llama.cpp CUDA build, in the background while the Rust binaries run
 LBUILD=/tmp/gpu-kit-llama
