@@ -256,73 +256,93 @@ pub fn pool1d(x: &[f32], kernel: usize, max: bool) -> Vec<f32> {
 /// of a probability row. Ties are taken by lower index first; the mass is summed in f64. Returns
 /// how many were marked.
 ///
-/// The nucleus is found by selection, not by sorting the row: quickselect partitions the
-/// candidates around a pivot and keeps only the side where the cumulative mass crosses `p`, so
-/// a row costs O(n) on average instead of O(n log n). GVote casts 9 ballots per query head and
-/// layer, and sorting every one was most of its plan time (`score::gvote::BALLOT_COST`).
+/// The nucleus is found by a radix selection on the values' bits, not by sorting the row: a
+/// positive f32 orders like its bit pattern, so a histogram of the top bits with each bucket's
+/// mass says which bucket the cut falls in; everything above it is in, everything below out, and
+/// only that bucket's entries go on to the next bits (then a sort once few are left). A row costs
+/// two sequential passes. GVote casts 9 ballots per query head and layer, and sorting every one,
+/// then a quickselect over indices, was most of its plan time (`score::gvote::BALLOT_COST`).
+/// When f64 rounding makes the sums disagree by an ulp at the cut, the cut's whole bucket is in.
 pub fn mark_nucleus(probs: &[f32], p: f32, marks: &mut [bool], scratch: &mut Vec<u32>) -> usize {
-    scratch.clear();
-    scratch.extend((0..probs.len() as u32).filter(|&j| probs[j as usize] > 0.0));
-    // a total order: larger probability first, then lower index
-    let order = |a: &u32, b: &u32| {
-        probs[*b as usize]
-            .total_cmp(&probs[*a as usize])
-            .then(a.cmp(b))
-    };
-    let before = |a: u32, b: u32| order(&a, &b).is_lt();
+    // (shift, width) of the three digits of the 31 value bits, most significant first
+    const DIGITS: [(u32, u32); 3] = [(20, 11), (10, 10), (0, 10)];
+    const LEAF: usize = 32;
     let p = p as f64;
-    let mass = |ix: &[u32]| ix.iter().map(|&j| probs[j as usize] as f64).sum::<f64>();
-    // invariant: scratch[..lo] are the top `lo` entries (in any order) with mass `done` < p, and
-    // the nucleus ends inside scratch[lo..hi] or at hi
-    let (mut lo, mut hi, mut done) = (0usize, scratch.len(), 0.0f64);
-    let k = loop {
-        if hi - lo <= 32 {
-            let w = &mut scratch[lo..hi];
-            w.sort_unstable_by(order);
-            let mut k = lo;
-            for &j in w.iter() {
-                if done >= p {
-                    break;
-                }
-                done += probs[j as usize] as f64;
-                k += 1;
-            }
-            break k;
-        }
-        // median of three (first, middle, last) as the pivot, moved to the window's end
-        let (x, y, z) = (lo, lo + (hi - lo) / 2, hi - 1);
-        let (a, b, c) = (scratch[x], scratch[y], scratch[z]);
-        let mid = if before(a, b) == before(b, c) {
-            y
-        } else if before(b, a) == before(a, c) {
-            x
-        } else {
-            z
-        };
-        scratch.swap(mid, hi - 1);
-        let pivot = scratch[hi - 1];
-        let mut m = lo;
-        for i in lo..hi - 1 {
-            if before(scratch[i], pivot) {
-                scratch.swap(i, m);
-                m += 1;
-            }
-        }
-        scratch.swap(m, hi - 1);
-        // scratch[lo..m] come before the pivot (now at m), scratch[m + 1..hi] after it
-        let upper = done + mass(&scratch[lo..m]);
-        if upper >= p {
-            hi = m;
-        } else {
-            done = upper + probs[pivot as usize] as f64;
-            if done >= p {
-                break m + 1;
-            }
-            lo = m + 1;
-        }
+    let key = |j: u32, (shift, width): (u32, u32)| {
+        ((probs[j as usize].to_bits() >> shift) & ((1 << width) - 1)) as usize
     };
-    for &j in &scratch[..k] {
+    let mut mass = [0.0f64; 1 << 11];
+    let mut count = [0u32; 1 << 11];
+    let (mut done, mut k) = (0.0f64, 0usize);
+    scratch.clear();
+    // invariant: every marked entry comes before every candidate in `scratch`, and `done` (< p)
+    // is their mass; candidates share the digits above the current one
+    for (level, &digit) in DIGITS.iter().enumerate() {
+        let buckets = 1usize << digit.1;
+        mass[..buckets].iter_mut().for_each(|m| *m = 0.0);
+        count[..buckets].iter_mut().for_each(|c| *c = 0);
+        let mut add = |j: u32| {
+            let b = key(j, digit);
+            mass[b] += probs[j as usize] as f64;
+            count[b] += 1;
+        };
+        if level == 0 {
+            (0..probs.len() as u32)
+                .filter(|&j| probs[j as usize] > 0.0)
+                .for_each(&mut add);
+        } else {
+            scratch.iter().for_each(|&j| add(j));
+        }
+        // the bucket the cut falls in, from the largest values down
+        let mut cut = None;
+        for b in (0..buckets).rev() {
+            if count[b] == 0 {
+                continue;
+            }
+            if done + mass[b] >= p {
+                cut = Some(b);
+                break;
+            }
+            done += mass[b];
+            k += count[b] as usize;
+        }
+        // above the cut: in; the cut's bucket: the next candidates (in index order); below: out.
+        // No cut: the row's whole mass is under p, and every positive entry is in
+        // (branch-free marking: in a flat row the comparison is a coin flip per entry)
+        let cut = cut.map_or(-1, |c| c as isize);
+        if level == 0 {
+            for (j, m) in marks.iter_mut().enumerate().take(probs.len()) {
+                let b = if probs[j] > 0.0 {
+                    key(j as u32, digit) as isize
+                } else {
+                    -2
+                };
+                *m |= b > cut;
+                if b == cut {
+                    scratch.push(j as u32);
+                }
+            }
+        } else {
+            scratch.retain(|&j| {
+                let b = key(j, digit) as isize;
+                marks[j as usize] |= b > cut;
+                b == cut
+            });
+        }
+        if scratch.len() <= LEAF {
+            break;
+        }
+    }
+    // the last candidates, largest first (equal values: lower index first, as scratch is in
+    // index order and the sort is stable), until the mass reaches p
+    scratch.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]));
+    for &j in scratch.iter() {
+        if done >= p {
+            break;
+        }
         marks[j as usize] = true;
+        done += probs[j as usize] as f64;
+        k += 1;
     }
     k
 }
@@ -401,6 +421,39 @@ mod tests {
                 let mut got = vec![false; n];
                 let k = mark_nucleus(&probs, p, &mut got, &mut scratch);
                 assert_eq!(got, want, "n {n} levels {levels} p {p}");
+                assert_eq!(k, want.iter().filter(|&&m| m).count());
+            }
+        }
+    }
+
+    #[test]
+    fn nucleus_of_softmax_rows_equals_the_sorted_definition() {
+        // continuous values, as gvote's attention rows: flat and peaked rows of 8192 cells
+        let mut state = 777u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let mut scratch = Vec::new();
+        for temp in [0.1f32, 1.0, 4.0, 16.0] {
+            let logits: Vec<f32> = (0..8192).map(|_| temp * next()).collect();
+            let mut probs = vec![0.0f32; logits.len()];
+            let keys: Vec<f32> = logits.iter().flat_map(|&l| [l, 1.0]).collect();
+            assert!(softmax_row(
+                &[1.0, 0.0],
+                &keys,
+                2,
+                logits.len(),
+                1.0,
+                &mut probs
+            ));
+            for p in [0.5f32, 0.9, 0.95, 0.99] {
+                let want = nucleus_by_sort(&probs, p);
+                let mut got = vec![false; probs.len()];
+                let k = mark_nucleus(&probs, p, &mut got, &mut scratch);
+                assert_eq!(got, want, "temp {temp} p {p}");
                 assert_eq!(k, want.iter().filter(|&&m| m).count());
             }
         }

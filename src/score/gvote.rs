@@ -93,19 +93,11 @@ impl Scorer for GVote {
         let Some(newest) = u.queries.last() else {
             return vec![0.0; n];
         };
-        let mut marks = vec![false; n];
-        let mut probs = vec![0.0f32; n];
-        let mut scratch = Vec::new();
-        let mut cast = |q: &[f32], votes: &mut [u32]| {
-            marks.iter_mut().for_each(|m| *m = false);
-            if u.attend(q, i32::MAX, &mut probs) {
-                kernels::mark_nucleus(&probs, self.p, &mut marks, &mut scratch);
-                votes
-                    .iter_mut()
-                    .zip(&marks)
-                    .for_each(|(v, &m)| *v += m as u32);
-            }
-        };
+        // every ballot of the unit, per query head: the real newest query first (GVote's
+        // "single-step budget estimation"), then its samples; they are cast together below
+        let heads = u.heads().len();
+        let per_head = 1 + self.samples;
+        let mut ballots = vec![0.0f32; heads * per_head * d];
         // the samples are queries of the next position: every window row is first moved there
         // (its rotary angle advanced by the distance, `Shape::rope`), so the fit sees how the
         // queries' content varies and not how their rotation spins with position, which
@@ -114,12 +106,9 @@ impl Scorer for GVote {
         let rows = u.queries.len();
         let mut aligned = vec![0.0f32; rows * d];
         let mut mean = vec![0.0f32; d];
-        let mut q = vec![0.0f32; d];
-        let (mut real, mut sampled) = (vec![0u32; n], vec![0u32; n]);
-        let heads = u.heads().len();
-        for h in u.heads() {
-            // the real newest query votes first (GVote's "single-step budget estimation")
-            cast(u.q(newest, h), &mut real);
+        for (h, mine) in u.heads().zip(ballots.chunks_exact_mut(per_head * d)) {
+            let (real, samples) = mine.split_at_mut(d);
+            real.copy_from_slice(u.q(newest, h));
             if self.samples == 0 {
                 continue;
             }
@@ -141,15 +130,32 @@ impl Scorer for GVote {
             // the span of real queries, where a diagonal fit draws every dimension independently
             let norm = 1.0 / ((rows.max(2) - 1) as f32).sqrt();
             let mut rng = Rng::new(self.stream_seed(u.layer, h));
-            for _ in 0..self.samples {
+            for q in samples.chunks_exact_mut(d) {
                 q.copy_from_slice(&mean);
                 for a in aligned.chunks_exact(d) {
                     let z = rng.normal() * norm;
                     q.iter_mut().zip(a).for_each(|(v, c)| *v += z * c);
                 }
-                cast(&q, &mut sampled);
             }
         }
+        // each ballot marks its nucleus; K is read once per four ballots, not once per ballot
+        let (mut real, mut sampled) = (vec![0u32; n], vec![0u32; n]);
+        let mut marks = vec![false; n];
+        let mut scratch = Vec::new();
+        let qs: Vec<&[f32]> = ballots.chunks_exact(d).collect();
+        u.attend_all(&qs, |i, probs| {
+            marks.iter_mut().for_each(|m| *m = false);
+            kernels::mark_nucleus(probs, self.p, &mut marks, &mut scratch);
+            let votes = if i % per_head == 0 {
+                &mut real
+            } else {
+                &mut sampled
+            };
+            votes
+                .iter_mut()
+                .zip(&marks)
+                .for_each(|(v, &m)| *v += m as u32);
+        });
         // the unit votes for a cell its real newest queries want, or that at least `support`
         // of its sampled queries want (a Monte-Carlo estimate that a future query needs it);
         // a union over every sample votes for most cells of a short prompt. The score (the

@@ -178,6 +178,14 @@ impl UnitCtx<'_> {
         true
     }
 
+    /// Attention rows of several queries over every held key (a future query sees them all),
+    /// passed to `sink(index, row)` in order: K is read once per four queries
+    /// (`kernels::attention_rows`), where one `attend` per query reads it every time.
+    pub fn attend_all(&self, qs: &[&[f32]], sink: impl FnMut(usize, &[f32])) {
+        let qs: Vec<(&[f32], usize)> = qs.iter().map(|&q| (q, self.n())).collect();
+        kernels::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, sink);
+    }
+
     /// Per query head of the group: the largest attention each cell receives from any of `rows`.
     pub fn received_max(&self, rows: &[&QueryRow]) -> Vec<Vec<f32>> {
         self.received_folded(rows, |a, p| *a = a.max(p))
