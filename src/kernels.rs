@@ -56,27 +56,26 @@ const QB: usize = 4;
 /// Cells per vector lane group.
 const KB: usize = 8;
 
-/// `out[r][j] = scale * q_r · k_j` for up to four queries over the first `n_vis` cells.
+/// `out[r][j] = scale * q_r · k_j` for `R` (at most four) queries over the first `n_vis` cells.
+/// `R` is the batch's own size, so a lone query does one row of multiply-adds, not four.
 #[inline(always)]
-fn logits4(qs: &[&[f32]], k: KeysT, n_vis: usize, scale: f32, out: &mut [Vec<f32>]) {
+fn logits<const R: usize>(qs: &[&[f32]], k: KeysT, n_vis: usize, scale: f32, out: &mut [Vec<f32>]) {
     let (n, d) = (k.n, k.d);
-    let nq = qs.len();
-    // missing queries of a short batch repeat the last one; their rows are not written
-    let q: [&[f32]; QB] = std::array::from_fn(|r| &qs[r.min(nq - 1)][..d]);
+    let q: [&[f32]; R] = std::array::from_fn(|r| &qs[r][..d]);
     let full = n_vis / KB * KB;
     let mut j = 0;
     while j < full {
-        let mut acc = [[0.0f32; KB]; QB];
+        let mut acc = [[0.0f32; KB]; R];
         for c in 0..d {
             let kv: [f32; KB] = k.data[c * n + j..c * n + j + KB].try_into().unwrap();
-            for r in 0..QB {
+            for r in 0..R {
                 let qc = q[r][c];
                 for l in 0..KB {
                     acc[r][l] += qc * kv[l];
                 }
             }
         }
-        for (r, o) in out.iter_mut().enumerate().take(nq) {
+        for (r, o) in out.iter_mut().enumerate().take(R) {
             let o: &mut [f32; KB] = (&mut o[j..j + KB]).try_into().unwrap();
             for l in 0..KB {
                 o[l] = acc[r][l] * scale;
@@ -85,7 +84,7 @@ fn logits4(qs: &[&[f32]], k: KeysT, n_vis: usize, scale: f32, out: &mut [Vec<f32
         j += KB;
     }
     for j in full..n_vis {
-        for (r, o) in out.iter_mut().enumerate().take(nq) {
+        for (r, o) in out.iter_mut().enumerate().take(R) {
             let mut s = 0.0f32;
             for c in 0..d {
                 s += q[r][c] * k.data[c * n + j];
@@ -148,7 +147,12 @@ fn attention_rows_impl(
     for (b, chunk) in qs.chunks(QB).enumerate() {
         let n_vis = chunk.iter().map(|c| c.1).max().unwrap_or(0);
         let vecs: Vec<&[f32]> = chunk.iter().map(|c| c.0).collect();
-        logits4(&vecs, k, n_vis, scale, &mut bufs);
+        match vecs.len() {
+            1 => logits::<1>(&vecs, k, n_vis, scale, &mut bufs),
+            2 => logits::<2>(&vecs, k, n_vis, scale, &mut bufs),
+            3 => logits::<3>(&vecs, k, n_vis, scale, &mut bufs),
+            _ => logits::<QB>(&vecs, k, n_vis, scale, &mut bufs),
+        }
         for (r, &(_, nv)) in chunk.iter().enumerate() {
             if nv == 0 {
                 continue;

@@ -50,17 +50,15 @@ impl BudgetRule for DBudget {
             }
             return Some(out);
         }
-        let mut row = vec![0.0f32; n];
-        for h in u.heads() {
-            if !u.attend(u.q(newest, h), newest.pos, &mut row) {
-                row.iter_mut().for_each(|v| *v = 0.0);
-            }
-            out.extend(
-                row.iter()
-                    .zip(u.protected)
-                    .map(|(a, &p)| if p { 0.0 } else { a * a }),
-            );
-        }
+        // one row per query head, zeros where the newest query sees no key
+        out.resize(u.shape.group() * n, 0.0);
+        let qs: Vec<&[f32]> = u.heads().map(|h| u.q(newest, h)).collect();
+        u.attend(&qs, newest.pos, |i, row| {
+            out[i * n..(i + 1) * n]
+                .iter_mut()
+                .zip(row.iter().zip(u.protected))
+                .for_each(|(o, (a, &p))| *o = if p { 0.0 } else { a * a });
+        });
         Some(out)
     }
 

@@ -161,28 +161,13 @@ impl UnitCtx<'_> {
         }
     }
 
-    /// Attention row of query head `h` of `row` over the held keys (causal), into `out`.
-    /// Returns false (and zeros) when no key is visible.
-    pub fn attend(&self, q: &[f32], qpos: i32, out: &mut [f32]) -> bool {
+    /// Attention rows of several queries at position `qpos` over the held keys they may see
+    /// (causal; `i32::MAX`: every key, as a future query sees them), passed to `sink(index,
+    /// row)` in order; a query that sees no key is skipped. K is read once per four queries
+    /// (`kernels::attention_rows`), so a scorer hands over all its queries at once.
+    pub fn attend(&self, qs: &[&[f32]], qpos: i32, sink: impl FnMut(usize, &[f32])) {
         let n_vis = kernels::visible(self.pos, qpos);
-        if n_vis == 0 {
-            out.iter_mut().for_each(|v| *v = 0.0);
-            return false;
-        }
-        kernels::attention_rows(
-            &[(q, n_vis)],
-            self.keys_t(),
-            self.shape.kq_scale,
-            |_, row| out.copy_from_slice(row),
-        );
-        true
-    }
-
-    /// Attention rows of several queries over every held key (a future query sees them all),
-    /// passed to `sink(index, row)` in order: K is read once per four queries
-    /// (`kernels::attention_rows`), where one `attend` per query reads it every time.
-    pub fn attend_all(&self, qs: &[&[f32]], sink: impl FnMut(usize, &[f32])) {
-        let qs: Vec<(&[f32], usize)> = qs.iter().map(|&q| (q, self.n())).collect();
+        let qs: Vec<(&[f32], usize)> = qs.iter().map(|&q| (q, n_vis)).collect();
         kernels::attention_rows(&qs, self.keys_t(), self.shape.kq_scale, sink);
     }
 
