@@ -62,32 +62,6 @@
 #define KVC_ROPE_NEOX 2
 
 /*
- Cost units of one GVote ballot, from results/bench-plan.json (SmolLM2-135M shape, 8192
- cells, 2 threads): a plan with the default 9 ballots took 520 ms, a 9-row dbudget plan 137 ms
- and a 32-row snapkv plan 225 ms, so a row is ~3.8 ms, the fixed ranking/selection ~27 rows
- and a ballot ~46 ms = 12 rows when the nucleus sorted the held cells. Since the nucleus is
- selected instead (`kernels::mark_nucleus`) a ballot measures ~6 rows
- (results/bench-plan-nucleus-ab.json: gvote 2.3x a dbudget plan, was 3.6x); 12 is kept, an
- upper bound, so that the cost bounds operators set against it keep their meaning.
- */
-#define BALLOT_COST 12.0
-
-/*
- `kvc_params.rope_type` code of [`Rope::Unknown`]
- */
-#define Rope_UNKNOWN_CODE 0
-
-/*
- ... of [`Rope::Norm`]
- */
-#define Rope_NORM_CODE 1
-
-/*
- ... of [`Rope::Neox`]
- */
-#define Rope_NEOX_CODE 2
-
-/*
  Opaque eviction engine: one model shape, one policy, the state of every sequence.
  */
 typedef struct kvc_evictor kvc_evictor;

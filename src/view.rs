@@ -78,11 +78,11 @@ pub struct RopeFreq {
 
 impl Rope {
     /// `kvc_params.rope_type` code of [`Rope::Unknown`]
-    pub const UNKNOWN_CODE: u32 = 0;
+    pub(crate) const UNKNOWN_CODE: u32 = 0;
     /// ... of [`Rope::Norm`]
-    pub const NORM_CODE: u32 = 1;
+    pub(crate) const NORM_CODE: u32 = 1;
     /// ... of [`Rope::Neox`]
-    pub const NEOX_CODE: u32 = 2;
+    pub(crate) const NEOX_CODE: u32 = 2;
 
     /// Decode and check the C fields against the head size.
     pub fn from_code(

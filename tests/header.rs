@@ -153,3 +153,69 @@ fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
+
+/// Everything the header declares is in the library's namespace (`kvc_` / `KVC_`): a C program
+/// includes it next to its own names, so an internal constant cbindgen picked up (the header once
+/// defined `BALLOT_COST` and `Rope_NORM_CODE`) would collide with them.
+#[test]
+fn every_public_name_is_prefixed() {
+    let h = committed_header();
+    let (mut bad, mut seen) = (Vec::new(), 0);
+    // declarations only: the doc comments (`/* ... */` blocks) are prose
+    let mut in_comment = false;
+    let code: Vec<&str> = h
+        .lines()
+        .filter(|l| {
+            let was = in_comment || l.trim_start().starts_with("/*");
+            in_comment = was && !l.contains("*/");
+            !was
+        })
+        .collect();
+    for &line in &code {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let name = match words.as_slice() {
+            ["#define", name, ..] => *name,
+            // `typedef struct kvc_x {`, `typedef enum kvc_x {`
+            ["typedef", "struct" | "enum", name, "{"] => name,
+            // `typedef uint32_t kvc_x;`, `} kvc_x;`
+            ["typedef", .., last] | ["}", last] if last.ends_with(';') && !line.contains('(') => {
+                last.trim_end_matches(';')
+            }
+            // enumerators: `  KVC_STATUS_OK = 0,`
+            [name, "=", ..] => name,
+            _ => continue,
+        };
+        let name = name.split('(').next().unwrap_or(name);
+        seen += 1;
+        if !(name.starts_with("kvc_") || name.starts_with("KVC_") || name == "KVCOMPRESS_H") {
+            bad.push(line.to_string());
+        }
+    }
+    // function declarations: `kvc_status kvc_x(...)` and the like
+    for line in code
+        .iter()
+        .filter(|l| l.contains('(') && l.trim_end().ends_with(");"))
+    {
+        if let Some(name) = line
+            .split('(')
+            .next()
+            .and_then(|s| s.split_whitespace().last())
+        {
+            let name = name.trim_start_matches('*');
+            seen += 1;
+            if !name.starts_with("kvc_") {
+                bad.push(line.to_string());
+            }
+        }
+    }
+    // the parse found the header's declarations (macros, types, enumerators, functions)
+    assert!(
+        seen >= 50,
+        "only {seen} declarations parsed from include/kvcompress.h"
+    );
+    assert!(
+        bad.is_empty(),
+        "include/kvcompress.h declares names outside kvc_/KVC_:\n  {}",
+        bad.join("\n  ")
+    );
+}

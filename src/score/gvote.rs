@@ -18,11 +18,12 @@ use crate::kernels;
 /// Cost units of one GVote ballot, from results/bench-plan.json (SmolLM2-135M shape, 8192
 /// cells, 2 threads): a plan with the default 9 ballots took 520 ms, a 9-row dbudget plan 137 ms
 /// and a 32-row snapkv plan 225 ms, so a row is ~3.8 ms, the fixed ranking/selection ~27 rows
-/// and a ballot ~46 ms = 12 rows when the nucleus sorted the held cells. Since the nucleus is
-/// selected instead (`kernels::mark_nucleus`) a ballot measures ~6 rows
-/// (results/bench-plan-nucleus-ab.json: gvote 2.3x a dbudget plan, was 3.6x); 12 is kept, an
-/// upper bound, so that the cost bounds operators set against it keep their meaning.
-pub const BALLOT_COST: f32 = 12.0;
+/// and a ballot ~46 ms = 12 rows when the nucleus sorted the held cells. Since a unit's ballots
+/// share their passes over K and each nucleus is a radix selection (`kernels::mark_nucleus`), a
+/// gvote plan costs about what a dbudget plan does (results/bench-plan-gvote-fast.json), i.e. a
+/// ballot ~1-2 rows; 12 is kept, an upper bound, so that the cost bounds operators set against
+/// it keep their meaning.
+const BALLOT_COST: f32 = 12.0;
 
 /// The GVote scorer: per cell, the fraction of (query head, sample) nuclei that contain it.
 #[derive(Debug, Clone)]
@@ -81,7 +82,7 @@ impl Scorer for GVote {
         QuerySel::Last(self.window)
     }
     /// Each ballot (the newest query and every sample, per query head) is one attention row
-    /// plus a sort of the held cells for its nucleus, which dominates: `BALLOT_COST` units. The
+    /// plus a selection of its nucleus: `BALLOT_COST` units (an upper bound). The
     /// fit and each draw read the window once (`window * head_dim` per head and sample, well
     /// under a unit per ballot while the window is shorter than the cells held): 2 units.
     fn cost_units(&self, _rows: usize) -> f32 {
