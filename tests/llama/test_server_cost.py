@@ -7,7 +7,7 @@ whole server: the issue's {"name": "gvote", "params": {"samples": 1024, "window"
 took 592 s for 32 tokens. Timing is not asserted (CI machines vary); the deterministic cost is:
 
 - default server (--kv-policy dbudget): the hostile request is a 400 naming kv_policy and the parameter
-  the operator did not open (--kv-policy-allow-params); a safe knob (gvote quorum) is served, and its
+  the operator did not open (--kv-policy-allow-params); safe knobs (gvote quorum, support) are served, and their
   reported cost (timings.kv_policy.cost) is gvote's default cost;
 - --kv-policy-allow dbudget,gvote --kv-policy-allow-params all --kv-policy-max-cost 256,8: the hostile
   request is a 400 with the cost per plan and the flag; a name outside the list and a decode cadence
@@ -53,12 +53,12 @@ try:
     c.check(st == 400 and "kv_policy" in msg and "'samples' is not allowed" in msg and "--kv-policy-allow-params" in msg,
             "hostile request -> 400 naming the field and the parameter: %d %s" % (st, msg[:200]))
     st, body = srv.req("/completion", {"prompt": SHORT, "n_predict": 4, "temperature": 0,
-                                       "kv_policy": {"name": "gvote", "params": {"quorum": 0.2}}})
+                                       "kv_policy": {"name": "gvote", "params": {"quorum": 0.2, "support": 0.25}}})
     kv = kv_of(body)
     cost = kv.get("cost", {})
     # gvote at its defaults: 9 ballots of 12 units, the Gaussian fit (2) and the selection (27); interval 32
     c.check(st == 200 and cost.get("per_plan") == 137 and abs(cost.get("per_token", 0) - 137 / 32) < 1e-3,
-            "a safe knob (gvote quorum) is served, at gvote's default cost: %d %s" % (st, cost))
+            "safe knobs (gvote quorum, support) are served, at gvote's default cost: %d %s" % (st, cost))
 
     # 3. squeezes: a ~2500-token prompt, longer than the whole cache, under a policy that wants to keep 90%
     long_prompt = k.passkey_prompt(77123, 120, 10)
