@@ -257,8 +257,9 @@ pub fn pool1d(x: &[f32], kernel: usize, max: bool) -> Vec<f32> {
 }
 
 /// Mark the smallest set of entries, largest first, whose mass reaches `p` (the top-p nucleus)
-/// of a probability row. Ties are taken by lower index first; the mass is summed in f64. Returns
-/// how many were marked.
+/// of a probability row: `marks[j]` (for every `j < probs.len()`) is set to whether entry `j` is
+/// in it. Ties are taken by lower index first; the mass is summed in f64. Returns how many were
+/// marked.
 ///
 /// The nucleus is found by a radix selection on the values' bits, not by sorting the row: a
 /// positive f32 orders like its bit pattern, so a histogram of the top bits with each bucket's
@@ -280,7 +281,8 @@ pub fn mark_nucleus(probs: &[f32], p: f32, marks: &mut [bool], scratch: &mut Vec
     let (mut done, mut k) = (0.0f64, 0usize);
     scratch.clear();
     // invariant: every marked entry comes before every candidate in `scratch`, and `done` (< p)
-    // is their mass; candidates share the digits above the current one
+    // is their mass; candidates share the digits above the current one. The first digit's pass
+    // writes every mark, so the caller need not clear them
     for (level, &digit) in DIGITS.iter().enumerate() {
         let buckets = 1usize << digit.1;
         mass[..buckets].iter_mut().for_each(|m| *m = 0.0);
@@ -321,7 +323,7 @@ pub fn mark_nucleus(probs: &[f32], p: f32, marks: &mut [bool], scratch: &mut Vec
                 } else {
                     -2
                 };
-                *m |= b > cut;
+                *m = b > cut;
                 if b == cut {
                     scratch.push(j as u32);
                 }
@@ -396,23 +398,38 @@ mod tests {
         marks
     }
 
+    /// A small LCG for the test rows (deterministic, no dependency).
+    fn lcg(seed: u64) -> impl FnMut() -> u64 {
+        let mut state = seed;
+        move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state
+        }
+    }
+
+    /// `mark_nucleus` against the sorted definition, into marks that start all set (it must
+    /// write every mark, not only the nucleus').
+    fn assert_nucleus_as_sorted(probs: &[f32], p: f32, scratch: &mut Vec<u32>, what: &str) {
+        let want = nucleus_by_sort(probs, p);
+        let mut got = vec![true; probs.len()];
+        let k = mark_nucleus(probs, p, &mut got, scratch);
+        assert_eq!(got, want, "{what} p {p}");
+        assert_eq!(k, want.iter().filter(|&&m| m).count(), "{what} p {p}");
+    }
+
     #[test]
     fn nucleus_by_selection_equals_the_sorted_definition() {
         // values on a 1/1024 grid: every partial sum is exact in f64, so any summation order
         // gives the sorted order's cut; many ties, zeros, and rows shorter and longer than the
         // selection's 32-entry leaf
-        let mut state = 12345u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
+        let mut next = lcg(12345);
         let mut scratch = Vec::new();
         for case in 0..400 {
             let n = [0, 1, 2, 5, 31, 33, 64, 300, 2000][case % 9];
-            let levels = 1 + next() % 40;
-            let raw: Vec<f32> = (0..n).map(|_| (next() % levels) as f32).collect();
+            let levels = 1 + (next() >> 33) % 40;
+            let raw: Vec<f32> = (0..n).map(|_| ((next() >> 33) % levels) as f32).collect();
             let total: f32 = raw.iter().sum();
             let probs: Vec<f32> = raw
                 .iter()
@@ -420,12 +437,8 @@ mod tests {
                 .collect();
             let mass: f32 = probs.iter().sum();
             for p in [0.0, 0.3, 0.5, 0.8, 0.95, 1.0] {
-                let p = p * mass;
-                let want = nucleus_by_sort(&probs, p);
-                let mut got = vec![false; n];
-                let k = mark_nucleus(&probs, p, &mut got, &mut scratch);
-                assert_eq!(got, want, "n {n} levels {levels} p {p}");
-                assert_eq!(k, want.iter().filter(|&&m| m).count());
+                let what = format!("n {n} levels {levels}");
+                assert_nucleus_as_sorted(&probs, p * mass, &mut scratch, &what);
             }
         }
     }
@@ -433,16 +446,12 @@ mod tests {
     #[test]
     fn nucleus_of_softmax_rows_equals_the_sorted_definition() {
         // continuous values, as gvote's attention rows: flat and peaked rows of 8192 cells
-        let mut state = 777u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = lcg(777);
         let mut scratch = Vec::new();
         for temp in [0.1f32, 1.0, 4.0, 16.0] {
-            let logits: Vec<f32> = (0..8192).map(|_| temp * next()).collect();
+            let logits: Vec<f32> = (0..8192)
+                .map(|_| temp * ((next() >> 40) as f32 / (1u64 << 24) as f32))
+                .collect();
             let mut probs = vec![0.0f32; logits.len()];
             let keys: Vec<f32> = logits.iter().flat_map(|&l| [l, 1.0]).collect();
             assert!(softmax_row(
@@ -454,11 +463,7 @@ mod tests {
                 &mut probs
             ));
             for p in [0.5f32, 0.9, 0.95, 0.99] {
-                let want = nucleus_by_sort(&probs, p);
-                let mut got = vec![false; probs.len()];
-                let k = mark_nucleus(&probs, p, &mut got, &mut scratch);
-                assert_eq!(got, want, "temp {temp} p {p}");
-                assert_eq!(k, want.iter().filter(|&&m| m).count());
+                assert_nucleus_as_sorted(&probs, p, &mut scratch, &format!("temp {temp}"));
             }
         }
     }

@@ -145,7 +145,6 @@ impl Scorer for GVote {
         let mut scratch = Vec::new();
         let qs: Vec<&[f32]> = ballots.chunks_exact(d).collect();
         u.attend(&qs, i32::MAX, |i, probs| {
-            marks.iter_mut().for_each(|m| *m = false);
             kernels::mark_nucleus(probs, self.p, &mut marks, &mut scratch);
             let votes = if i % per_head == 0 {
                 &mut real
