@@ -3,7 +3,7 @@
 # prompt, runs interleaved (none, p1, p2, none, p1, p2, ...) so machine drift hits every policy
 # alike. Writes results/bench-prefill.json; ratios are policy / none of the medians, per length.
 #
-#   bash scripts/bench-prefill.sh                         # 2K, 4K, 8K tokens, dbudget + gvote + dbudget:ranker=context, 3 reps
+#   bash scripts/bench-prefill.sh                         # 2K, 4K, 8K tokens, every policy below, 3 reps
 #   TOKENS="4096" REPS=5 POLICIES="snapkv dbudget:ranker=context,threshold=0.02" THREADS=2 bash scripts/bench-prefill.sh
 # A policy is NAME or NAME:k=v,k=v (its --kv-policy-param values; the pair is its label in the JSON).
 # BENCH_OUT=path writes the JSON there instead of results/bench-prefill.json.
@@ -13,8 +13,10 @@ cd "$ROOT"
 TOKENS="${TOKENS:-2048 4096 8192}"
 REPS="${REPS:-3}"
 THREADS="${THREADS:-2}"
-# dbudget:ranker=context reads every query row of the prompt (issue 16): its prefill cost is the point
-POLICIES="${POLICIES:-dbudget gvote dbudget:ranker=context}"
+# the question-agnostic rankers' prefill cost is the point (issue 16): ranker=context reads every
+# query row of the prompt; ranker=recon runs a reconstruction pass after it (all of the context, or
+# the quarter recon=0.25 reconstructs)
+POLICIES="${POLICIES:-dbudget gvote dbudget:ranker=context dbudget:ranker=recon dbudget:ranker=recon,recon=0.25}"
 BENCH_OUT="${BENCH_OUT:-results/bench-prefill.json}"
 OUT="$ROOT/build/bench"
 mkdir -p "$OUT" results
