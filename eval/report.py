@@ -298,7 +298,8 @@ def full_defaults_md(res):
     if not any(sm.values()):
         return []
     lines = ["### The full preset at the defaults (`eval/run.py --preset full --settings dbudget --settings gvote "
-             "--settings 'dbudget ranker=recon threshold=0.05' ...`)", ""]
+             "--settings 'dbudget ranker=recon threshold=0.05' --settings 'snapkv ratio=0.5' ...`; SnapKV at half "
+             "the cache is the fixed-ratio baseline)", ""]
     for name, tag in MODEL_TAGS:
         x = sm[name]
         lines.append(f"- {name}: " + (f"`results/{FULL_DEFAULTS}{tag}.json`, {x['meta']['model']}, {x['meta']['date']}, "
