@@ -514,7 +514,12 @@ def main():
     raw_path = raw_dir / f"{a.preset}{tag}.jsonl"
 
     groups = build_groups(cfg)
-    lib = Path(os.environ.get("KVC_LIB", ROOT / "target/release/libkvcompress.so"))
+    # the summary records this library's md5, so kvc-eval must load this one: its dlopen honours
+    # LLAMA_KVCOMPRESS_LIB before the path configured at build time (KVC_LIB alone used to be
+    # recorded while the configured library ran)
+    lib = Path(os.environ.get("LLAMA_KVCOMPRESS_LIB") or os.environ.get("KVC_LIB")
+               or ROOT / "target/release/libkvcompress.so")
+    os.environ["LLAMA_KVCOMPRESS_LIB"] = str(lib)
     lib_md5 = md5(lib)
     n_jobs = sum(len(g[2]) for g in groups)
     complete = True
