@@ -207,16 +207,22 @@ def markdown(s, title="# kvcompress evaluation results", extras=True):
     return "\n".join(lines)
 
 
-def right_counts(s, mode, label):
+def right_counts(s, mode, label, tokens=None):
     """(same answer, instances) over the instances where the full cache's answer is correct: a wrong
-    answer of the full cache is a weak reference (two wrong answers differ for any reason)."""
+    answer of the full cache is a weak reference (two wrong answers differ for any reason). With
+    `tokens`, only the instances at those prompt lengths."""
     t = {(x["mode"], x["label"]): x for x in s["tasks"]}
     full, pol = t.get((mode, "none")), t.get((mode, label))
     if not full or not pol:
         return None
-    right = {p["instance"] for p in full["instances"] if p["correct"]}
-    ps = [p for p in pol["instances"] if p["instance"] in right]
+    right = {p["instance"] for p in subset(full, tokens) if p["correct"]}
+    ps = [p for p in subset(pol, tokens) if p["instance"] in right]
     return sum(p["agree"] for p in ps), len(ps)
+
+
+def subset(t, tokens=None):
+    """A task row's instances at the given prompt lengths (None: all)."""
+    return [p for p in t["instances"] if tokens is None or p["tokens"] in tokens]
 
 
 def right_answers(s):
@@ -240,22 +246,9 @@ MODEL_TAGS = (("SmolLM2-135M", ""), ("gemma3-270m", "-gemma3"))
 FULL_DEFAULTS = "summary-full-defaults"
 
 
-def subset(t, tokens):
-    """A task row's instances at the given prompt lengths."""
-    return [p for p in t["instances"] if p["tokens"] in tokens] if t else []
-
-
-def same_where_right(s, mode, label, tokens):
-    """(same answer, instances) at `tokens` where the full cache is right (as right_counts)."""
-    t = {(x["mode"], x["label"]): x for x in s["tasks"]}
-    right = {p["instance"] for p in subset(t.get((mode, "none")), tokens) if p["correct"]}
-    ps = [p for p in subset(t.get((mode, label)), tokens) if p["instance"] in right]
-    return sum(p["agree"] for p in ps), len(ps)
-
-
-def freed_at(s, mode, label, tokens):
-    t = {(x["mode"], x["label"]): x for x in s["tasks"]}.get((mode, label))
-    ks = [p["kept"] for p in subset(t, tokens)]
+def freed_at(t, tokens):
+    """1 - the mean kept fraction of a task row's instances at `tokens` (None when there are none)."""
+    ks = [p["kept"] for p in subset(t, tokens)] if t else []
     return 1 - sum(ks) / len(ks) if ks else None
 
 
@@ -264,25 +257,25 @@ def issue16_targets(s):
     on the instances of the lengths it names, against the full cache on the same instances."""
     out = []
     fid = {x["label"]: x for x in s["fidelity"]}
-    labels = [t["label"] for t in s["tasks"] if t["mode"] == "aware" and t["budget_free"] and t["label"] != "none"]
+    t = {(x["mode"], x["label"]): x for x in s["tasks"]}
+    labels = [x["label"] for x in s["tasks"] if x["mode"] == "aware" and x["budget_free"] and x["label"] != "none"]
     mid = (2048, 4096)
     for lab in labels:
-        freed = freed_at(s, "agnostic", lab, mid)
-        same, n = same_where_right(s, "agnostic", lab, mid)
+        freed = freed_at(t.get(("agnostic", lab)), mid)
+        same, n = right_counts(s, "agnostic", lab, mid) or (0, 0)
         ok = freed is not None and n > 0 and freed >= 0.35 and same >= 0.97 * n
         out.append((f"question-agnostic 2K-4K: >= 35 % freed, >= 97 % identical where the full cache is right (`{lab}`)",
                     "HOLDS" if ok else "FAILS", f"freed {f(freed, '{:.1%}')}, {same}/{n} identical"))
     for lab in [x for x in labels if " " not in x]:
-        freed = freed_at(s, "aware", lab, mid)
-        same, n = same_where_right(s, "aware", lab, mid)
+        freed = freed_at(t.get(("aware", lab)), mid)
+        same, n = right_counts(s, "aware", lab, mid) or (0, 0)
         kl = fid[lab]["kl_mean"] if lab in fid else None
         ok = freed is not None and freed >= 0.40 and same == n and kl is not None and kl <= 0.03
         out.append((f"question-aware 2K-4K at the default: >= 40 % freed, identical where right, KL <= 0.03 (`{lab}`)",
                     "HOLDS" if ok else "FAILS", f"freed {f(freed, '{:.1%}')}, {same}/{n} identical, "
                     f"teacher-forced KL {f(kl, '{:.4f}')} (1K-4K contexts)"))
-    t = {(x["mode"], x["label"]): x for x in s["tasks"]}
     if ("aware", "gvote") in t:
-        freed = freed_at(s, "aware", "gvote", (2048,))
+        freed = freed_at(t[("aware", "gvote")], (2048,))
         g, r = subset(t[("aware", "gvote")], (2048,)), {p["instance"]: p for p in subset(t[("aware", "none")], (2048,))}
         both = [p for p in g if p["instance"] in r]
         loss = 100 * (sum(r[p["instance"]]["correct"] for p in both) - sum(p["correct"] for p in both)) / len(both) if both else None
