@@ -252,6 +252,7 @@ pub const KEYS: &[&str] = &[
     "recon",
     "recon_stride",
     "support",
+    "measure",
 ];
 const VALUES: &[&str] = &[
     "0",
@@ -405,6 +406,7 @@ pub const VALID: &[(&str, &[&str])] = &[
     ("recon", &["0.0001", "0.5", "1"]),
     ("recon_stride", &["1", "4", "4096"]),
     ("support", &["0", "0.5", "1"]),
+    ("measure", &["norm", "mass"]),
 ];
 
 /// Policy name and overrides, owned, plus the pointer arrays C would pass.

@@ -8,7 +8,7 @@
 //! written by [`table_json`]) all derive from it.
 
 use crate::budget::{
-    Ada, Allocator, BudgetRule, DBudget, Dynamic, Evidence, Fixed, Pyramid, Uniform, Vote,
+    Ada, Allocator, BudgetRule, DBudget, Dynamic, Evidence, Fixed, Measure, Pyramid, Uniform, Vote,
 };
 use crate::error::{Error, Result};
 use crate::score::{
@@ -437,6 +437,12 @@ pub const PRESETS: [Preset; 11] = [
                 "largest relative drop of the newest query's attention norm, per layer",
             ),
             p(
+                "measure",
+                "norm",
+                Range::Choice(&["norm", "mass"]),
+                "what `threshold` bounds: norm (L2 of the attention, the paper's; ruled by the largest entries) | mass (the attention summed: also counts the many small entries a peaked head drops)",
+            ),
+            p(
                 "window",
                 "8",
                 WINDOW,
@@ -503,11 +509,16 @@ pub const PRESETS: [Preset; 11] = [
                 ),
             };
             let threshold = v.f32("threshold")?;
+            let measure = match v.choice("measure")? {
+                "mass" => Measure::Mass,
+                _ => Measure::Norm,
+            };
             Ok((
                 scorer,
                 Box::new(DBudget {
                     threshold,
                     evidence,
+                    measure,
                 }),
                 Box::new(Uniform),
             ))

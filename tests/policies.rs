@@ -9,7 +9,9 @@
 mod common;
 
 use kvcompress::backend::{Backend, Parallelism};
-use kvcompress::budget::{walk_drops, Ada, Allocator, BudgetRule, DecideCtx, Fixed, Pyramid};
+use kvcompress::budget::{
+    walk_drops, Ada, Allocator, BudgetRule, DecideCtx, Fixed, Measure, Pyramid,
+};
 use kvcompress::score::ScoreGrid;
 use kvcompress::state::{Carry, QueryRow, SeqState};
 use kvcompress::{Error, Evictor, OwnedKeys, Policy, SeqInput, Shape};
@@ -543,7 +545,7 @@ fn ada_allocator_directly() {
 /// 5..8 (and 1 for the protected 0 and 9). Squared candidate mass: 4 * 1 + 4 * 24 = 100.
 /// Evicting the oldest first, the retained norm is sqrt(100 - i) for i <= 4 cells, then
 /// sqrt(72): drops 0.0050, 0.0101, 0.0151, 0.0202, then 0.1515.
-fn dbudget_toy(threshold: &str, ranker: &str) -> Vec<i32> {
+fn dbudget_toy(threshold: &str, param: &str) -> Vec<i32> {
     let s = shape(1, 1, 1);
     let pos = range(10);
     let hot = 24f32.sqrt().ln();
@@ -555,7 +557,7 @@ fn dbudget_toy(threshold: &str, ranker: &str) -> Vec<i32> {
         }
     });
     let q = queries(&s, &[9], |_, _, _| [1.0, 0.0]);
-    let mut e = ev(s, "dbudget", &[threshold, ranker, "sinks=1", "window=1"]);
+    let mut e = ev(s, "dbudget", &[threshold, param, "sinks=1", "window=1"]);
     e.push_queries(SEQ, &[9], &q).unwrap();
     evicted(&mut e, &pos, Some(&k), 0)
 }
@@ -570,6 +572,23 @@ fn dbudget_cuts_exactly_where_the_drop_passes_the_threshold() {
         assert_eq!(dbudget_toy("threshold=0.05", ranker), vec![1, 2, 3, 4]);
         assert_eq!(dbudget_toy("threshold=0.16", ranker), vec![1, 2, 3, 4, 5]);
     }
+}
+
+/// `measure=mass` bounds the attention mass lost, not its L2 norm. On the toy the candidates hold
+/// 1, 1, 1, 1 and four times √24 (mass 23.6): the four small cells are 17 % of the mass but 2 % of
+/// the norm, so at `threshold=0.05` the norm frees all four and the mass one (4.2 %).
+#[test]
+fn dbudget_measure_mass_counts_the_small_entries_the_norm_ignores() {
+    assert_eq!(
+        dbudget_toy("threshold=0.05", "measure=norm"),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(dbudget_toy("threshold=0.05", "measure=mass"), vec![1]);
+    assert_eq!(dbudget_toy("threshold=0.09", "measure=mass"), vec![1, 2]);
+    assert_eq!(
+        dbudget_toy("threshold=0.17", "measure=mass"),
+        vec![1, 2, 3, 4]
+    );
 }
 
 /// A needle (cell 3) that only a query in the middle of the context attends to (the one at
@@ -665,7 +684,7 @@ fn a_second_prompt_end_frees_at_most_what_arrived_since_the_first() {
 fn walk_drops_matches_the_hand_computation() {
     // one layer, one head, 6 cells; squared attention of candidates 1..4 = 1, 1, 24, 24 (sum 50)
     let ev = vec![vec![0.0, 1.0, 1.0, 24.0, 24.0, 0.0]];
-    let d = walk_drops(1, 1, 1, 6, &ev, &[1, 2, 3, 4]);
+    let d = walk_drops(Measure::Norm, 1, 1, 1, 6, &ev, &[1, 2, 3, 4]);
     let want = [
         0.0,
         1.0 - (49.0f64 / 50.0).sqrt(),
@@ -679,9 +698,24 @@ fn walk_drops_matches_the_hand_computation() {
     }
     // two layers: the worse layer decides; a layer with no candidate mass never constrains
     let ev = vec![vec![0.0, 1.0, 0.0, 1.0], vec![0.0; 4]];
-    let d = walk_drops(2, 1, 1, 4, &ev, &[2, 1]);
+    let d = walk_drops(Measure::Norm, 2, 1, 1, 4, &ev, &[2, 1]);
     assert_eq!(d[1], 0.0);
     assert!((d[2] - (1.0 - 0.5f64.sqrt())).abs() < 1e-12);
+    // the mass measure sums the attention itself (square roots of the evidence): 1, 1, √24, √24.
+    // Dropping the two small cells costs 2/(2+2√24) = 17 % of the mass but 2 % of the L2 norm
+    let ev = vec![vec![0.0, 1.0, 1.0, 24.0, 24.0, 0.0]];
+    let d = walk_drops(Measure::Mass, 1, 1, 1, 6, &ev, &[1, 2, 3, 4]);
+    let total = 2.0 + 2.0 * 24.0f64.sqrt();
+    let want = [
+        0.0,
+        1.0 / total,
+        2.0 / total,
+        (2.0 + 24.0f64.sqrt()) / total,
+        1.0,
+    ];
+    for (a, b) in d.iter().zip(want) {
+        assert!((a - b).abs() < 1e-12, "{d:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{gen_case, kept_flags, run, Case, Pattern, PATTERNS};
-use kvcompress::budget::{walk_drops, Ada, Allocator, Dynamic, Pyramid, Uniform};
+use kvcompress::budget::{walk_drops, Ada, Allocator, Dynamic, Measure, Pyramid, Uniform};
 use kvcompress::policy::{BudgetKind, Preset, PRESETS};
 use kvcompress::reference;
 use kvcompress::score::{GqaReduce, ScoreGrid, Scorer, UnitCtx, WindowAttention};
@@ -457,7 +457,7 @@ proptest! {
                 evidence.push(e);
             }
         }
-        let drops = walk_drops(s.n_layer, s.n_head_kv, group, n, &evidence, &order);
+        let drops = walk_drops(Measure::Norm, s.n_layer, s.n_head_kv, group, n, &evidence, &order);
         let cut = plan.evict.len();
         prop_assert_eq!(plan.stats.budget, n - cut);
         let evicted: Vec<usize> = (0..n).filter(|&i| !keep[i]).collect();

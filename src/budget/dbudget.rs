@@ -4,6 +4,9 @@
 //! Per layer `l` and query head `h`, let `a_lh` be the newest query's attention over the
 //! candidate cells (protected cells zeroed). The retained norm after removing a set `R` is
 //! `kept_l(R) = mean_h ||a_lh without R||_2`, and `drop_l = 1 - kept_l(R) / kept_l(∅)`.
+//! [`Measure::Mass`] takes the L1 norm instead (the attention mass left): the L2 norm is ruled by
+//! the few largest entries, so where one cell draws most of a head's attention (gemma3) removing
+//! thousands of small ones barely moves it, while their summed mass is what the output loses.
 //!
 //! Token-granularity projection (llama.cpp frees the same cells in every layer and head, see
 //! `crate::select`): one global ranking (each cell's best rank over
@@ -21,6 +24,17 @@ pub struct DBudget {
     pub threshold: f32,
     /// whose attention the norm is measured on
     pub evidence: Evidence,
+    /// which norm
+    pub measure: Measure,
+}
+
+/// The norm [`DBudget`] measures the retained attention by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// L2, the paper's
+    Norm,
+    /// L1: the attention mass left
+    Mass,
 }
 
 /// The attention row whose norm [`DBudget`] keeps.
@@ -79,6 +93,7 @@ impl BudgetRule for DBudget {
             };
         }
         let drops = walk_drops(
+            self.measure,
             c.shape.n_layer,
             c.shape.n_head_kv,
             c.shape.group(),
@@ -113,8 +128,10 @@ pub(crate) fn eviction_order(ranking: &[f32], pos: &[i32], protected: &[bool]) -
 
 /// `out[i]` = the largest per-layer relative norm drop after evicting `order[..i]`
 /// (`out[0] = 0`), for `i` in `0..=order.len()`. Evidence is per unit `[group][n]` of squared
-/// attention. Layers whose candidates hold no attention never constrain the walk.
+/// attention (what every backend computes; [`Measure::Mass`] takes its square root). Layers whose
+/// candidates hold no attention never constrain the walk.
 pub fn walk_drops(
+    measure: Measure,
     n_layer: usize,
     n_head_kv: usize,
     group: usize,
@@ -123,21 +140,28 @@ pub fn walk_drops(
     order: &[usize],
 ) -> Vec<f64> {
     let heads = n_head_kv * group;
-    // s[l][h] = remaining sum of squares; layer-major, head = g*group + j
+    // what one cell contributes to its head's sum: a squared entry (L2) or the entry itself (mass)
+    let term = |v: f32| match measure {
+        Measure::Norm => v as f64,
+        Measure::Mass => (v.max(0.0) as f64).sqrt(),
+    };
+    // s[l][h] = remaining sum of terms; layer-major, head = g*group + j
     let mut s = vec![0.0f64; n_layer * heads];
     for l in 0..n_layer {
         for g in 0..n_head_kv {
             let e = &evidence[l * n_head_kv + g];
             for j in 0..group {
-                s[l * heads + g * group + j] =
-                    e[j * n..(j + 1) * n].iter().map(|&v| v as f64).sum();
+                s[l * heads + g * group + j] = e[j * n..(j + 1) * n].iter().map(|&v| term(v)).sum();
             }
         }
     }
     let kept = |s: &[f64], l: usize| {
         s[l * heads..(l + 1) * heads]
             .iter()
-            .map(|v| v.max(0.0).sqrt())
+            .map(|v| match measure {
+                Measure::Norm => v.max(0.0).sqrt(),
+                Measure::Mass => v.max(0.0),
+            })
             .sum::<f64>()
             / heads as f64
     };
@@ -150,7 +174,7 @@ pub fn walk_drops(
             for g in 0..n_head_kv {
                 let e = &evidence[l * n_head_kv + g];
                 for j in 0..group {
-                    s[l * heads + g * group + j] -= e[j * n + t] as f64;
+                    s[l * heads + g * group + j] -= term(e[j * n + t]);
                 }
             }
         }

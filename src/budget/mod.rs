@@ -9,7 +9,7 @@ mod alloc;
 mod dbudget;
 
 pub use alloc::{Ada, Dynamic, Pyramid, Uniform};
-pub use dbudget::{walk_drops, DBudget, Evidence};
+pub use dbudget::{walk_drops, DBudget, Evidence, Measure};
 
 use crate::score::{ScoreGrid, UnitCtx};
 use crate::view::Shape;
